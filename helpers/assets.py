@@ -14,6 +14,8 @@ Inc. All Rights Reserved. See ``licenses/``.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -80,10 +82,23 @@ def llama3_tokenizer_offline() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(cached)
 
 
+def hub_token() -> str | None:
+    """``HF_TOKEN`` from the environment, else from Colab's Secrets; held in memory, never saved."""
+    token = os.environ.get("HF_TOKEN")
+    if token is None and "google.colab" in sys.modules:
+        from google.colab import userdata
+
+        try:
+            token = userdata.get("HF_TOKEN")
+        except Exception:  # no such secret, or this notebook may not read it
+            token = None
+    return token
+
+
 def _from_hub(loader, model_id: str, **kwargs):
     """Call a ``from_pretrained`` loader, turning access errors into a message naming the fix."""
     try:
-        return loader(model_id, **kwargs)
+        return loader(model_id, token=hub_token(), **kwargs)
     except OSError as error:  # GatedRepoError, 401/403, no network are all OSErrors here
         text = str(error).lower()
         if any(word in text for word in ("gated", "401", "403", "restricted", "token")):

@@ -31,7 +31,8 @@ MIN_PRICE = 0.5  # rounds to $1
 MAX_PRICE = 999.49  # rounds to $999: every answer is one Llama 3.1 token
 MIN_TOKENS = 150  # keep items whose content has MORE than this many tokens
 MAX_TOKENS = 160  # ... and cut the content to this many tokens
-MAX_CHARS = 4000  # characters looked at before tokenising (160 tokens never need more)
+MAX_CHARS = 1_000  # characters tokenised first; a text is re-tokenised whole if that gives
+SURE_TOKENS = 180  # fewer than this many tokens (so the first MAX_TOKENS are always exact)
 MIN_WORD_CHARS_WITH_DIGIT = 7  # "product code": a word this long that holds a digit
 SEED = 42
 
@@ -126,14 +127,15 @@ PROFILES: dict[str, Profile] = {
             lora_r=8,
             lora_alpha=16,
             lora_dropout=0.0,
-            learning_rate=5e-4,
+            learning_rate=1e-3,
             warmup_ratio=0.03,
-            epochs=3.0,
+            epochs=1.0,
             batch_size=4,
             gradient_accumulation_steps=1,
-            save_steps=10,
-            eval_steps=10,
-            logging_steps=5,
+            max_length=256,  # SmolLM2 splits digits: its prompts run to ~215 tokens
+            save_steps=7,
+            eval_steps=7,
+            logging_steps=1,
         ),
     ),
 }

@@ -46,15 +46,21 @@ def describe_batch(batch: dict[str, list]) -> dict[str, list]:
 def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
     """Count the tokens of each content in one batched call, and cut kept texts to MAX_TOKENS.
 
-    Only the first MAX_CHARS characters are tokenised: that is always more than MAX_TOKENS
-    tokens' worth, so counts up to MAX_TOKENS (all the filter needs) are exact.
+    Tokenising costs time per character, and only the first MAX_TOKENS tokens matter, so we
+    tokenise the first MAX_CHARS characters. Where that prefix yields fewer than
+    SURE_TOKENS tokens (a token-dense text), the full text is tokenised again: counts up to
+    MAX_TOKENS and the cut texts are exactly those of the full texts.
     """
-    encoded = tokenizer([c[: config.MAX_CHARS] for c in batch["content"]],
-                        add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    contents = batch["content"]
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    encoded = encode([content[: config.MAX_CHARS] for content in contents])
+    unsure = [i for i, ids in enumerate(encoded)
+              if len(ids) < config.SURE_TOKENS and len(contents[i]) > config.MAX_CHARS]
+    for i, ids in zip(unsure, encode([contents[i] for i in unsure]) if unsure else []):
+        encoded[i] = ids
     cut = [ids[: config.MAX_TOKENS] for ids in encoded]
-    long_enough = [len(ids) > config.MIN_TOKENS for ids in encoded]
-    reasons = [reason or (KEPT if ok else "too few tokens")
-               for reason, ok in zip(batch["skip_reason"], long_enough)]
+    reasons = [reason or (KEPT if len(ids) > config.MIN_TOKENS else "too few tokens")
+               for reason, ids in zip(batch["skip_reason"], encoded)]
     return {
         "content_tokens": [len(ids) for ids in encoded],
         "token_count": [len(ids) for ids in cut],
@@ -177,6 +183,28 @@ def load_curated(profile: config.Profile) -> tuple[list[Item], list[Item]]:
 def load_manifest(profile: config.Profile) -> dict:
     """The manifest of the saved curation of ``profile``."""
     return json.loads((profile.curated_dir / "manifest.json").read_text())
+
+
+def plot_distributions(curation: Curation):
+    """Prices and token counts of every priced raw record (before) and of the curated items (after)."""
+    import matplotlib.pyplot as plt
+
+    priced = curation.records[curation.records["price"].notna()]
+    items = curation.train + curation.test
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7))
+    panels = [
+        (axes[0, 0], priced["price"], "Price of every priced record", "price ($)"),
+        (axes[0, 1], [i.price for i in items], "Price of the curated items", "price ($)"),
+        (axes[1, 0], priced["content_tokens"], f"Tokens per record (first {config.MAX_CHARS:,} chars)", "tokens"),
+        (axes[1, 1], [i.token_count for i in items], "Tokens per curated item", "tokens"),
+    ]
+    for axis, values, title, label in panels:
+        axis.hist(values, bins=40, color="steelblue", edgecolor="white")
+        axis.set(title=f"{title} (n={len(values):,})", xlabel=label, ylabel="items")
+    axes[1, 0].axvline(config.MIN_TOKENS, color="crimson", linestyle="--", label=f"keep > {config.MIN_TOKENS}")
+    axes[1, 0].legend()
+    fig.tight_layout()
+    return fig
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+# Two commands: `make smoke` (set up, then run the whole course offline on CPU) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= smoke
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# the smoke profile's small model, installed without its (unneeded, compiling) dependencies
+SMOKE_REQUIREMENTS := requirements-smoke.txt
+
+.PHONY: setup smoke curate train test bench clean colab
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-smoke.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r $(SMOKE_REQUIREMENTS)
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# Run every notebook in order; executed copies land in results/$(PROFILE)/notebooks.
+smoke: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
+		--ExecutePreprocessor.timeout=3600 --output-dir results/$(PROFILE)/notebooks $(NOTEBOOKS)
+
+curate: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.curate
+
+train: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.train
+
+test: setup
+	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=1200 -p no:cacheprovider
+
+bench: setup
+	$(PY) benchmarks/bench_curation.py
+	$(PY) benchmarks/bench_predict.py
+
+clean:
+	rm -rf data/curated results runs .cache
+
+# On Colab: the pinned requirements into the running Python, keeping Colab's CUDA torch.
+colab:
+	grep -v '^torch==' requirements.txt > .colab-requirements.txt
+	$(PYTHON) -m pip install --quiet -r .colab-requirements.txt
+	$(PYTHON) -m pip install --quiet --no-deps -r $(SMOKE_REQUIREMENTS)
