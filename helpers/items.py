@@ -19,6 +19,7 @@ _TAG = re.compile(r"<[^>]+>")
 _URL = re.compile(r"https?://\S+|www\.\S+")
 _ISBN = re.compile(r"\bISBN(?:[\s-]*1[03])?\s*(?:of|:)?\s*[\dXx][\dXx-]{8,16}", re.IGNORECASE)
 _PRODUCT_CODE = re.compile(rf"\b(?=[\w-]*\d)[\w-]{{{config.MIN_WORD_CHARS_WITH_DIGIT},}}\b")
+_DOLLAR_AMOUNT = re.compile(r"(?:US)?\$\s?\d[\d,]*(?:\.\d+)?")
 _BOILERPLATE = re.compile(r"Bio from Wikipedia, the free encyclopedia\.?|Read more|See all formats and editions",
                           re.IGNORECASE)
 _SPACES = re.compile(r"[ \t\u00a0\u200b]+")
@@ -27,13 +28,14 @@ _REPEATED_PUNCTUATION = re.compile(r"([!?.,;:*=_~-])\1{2,}")
 
 
 def scrub(text: str) -> str:
-    """Clean text for a prompt: markup, URLs, ISBNs and product codes out, whitespace tidied.
+    """Clean text for a prompt: markup, URLs, ISBNs, product codes and dollar amounts out.
 
     A "product code" is any word of 7+ characters that holds a digit (ASINs, ISBNs, SKUs):
-    it costs tokens and says nothing a reader could price.
+    it costs tokens and says nothing a reader could price. Dollar amounts ("list price
+    $29.99") would hand the answer to every model, so they go too.
     """
     text = html.unescape(_TAG.sub(" ", text))
-    for pattern in (_URL, _ISBN, _PRODUCT_CODE, _BOILERPLATE):
+    for pattern in (_URL, _ISBN, _PRODUCT_CODE, _DOLLAR_AMOUNT, _BOILERPLATE):
         text = pattern.sub(" ", text)
     text = _REPEATED_PUNCTUATION.sub(r"\1", text)
     text = _SPACES.sub(" ", text)

@@ -49,6 +49,12 @@ def test_scrub_removes_markup_codes_and_whitespace_runs():
     assert "Great book!" in cleaned and "2nd ed." in cleaned  # short words with digits stay
 
 
+def test_scrub_removes_dollar_amounts_so_no_text_gives_the_price_away():
+    cleaned = scrub("A $29.99 value! List Price is $1,299.00 (US$ 5)")
+    assert "$" not in cleaned and "29" not in cleaned and "1,299" not in cleaned
+    assert config.ANSWER_PREFIX not in scrub("Price is $12.00")
+
+
 def test_scrub_keeps_words_of_six_chars_with_digits_and_removes_seven():
     assert scrub("abc123 abcd123") == "abc123"
 

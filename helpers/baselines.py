@@ -1,0 +1,145 @@
+"""Classical baselines: the scores an LLM has to beat before it is worth its GPU bill.
+
+Each ``fit_<name>(train, seed)`` returns a *batched predictor* (``list[Item] -> np.ndarray``)
+for :func:`helpers.evaluate.evaluate` with ``batched=True``. Same data and seed, same
+predictions. Every price comes back clipped to the curated range
+[config.MIN_PRICE, config.MAX_PRICE].
+
+The learned models fit ``log1p(price)`` and turn predictions back with ``expm1``: book
+prices are heavy-tailed, so on the raw scale a few $500 textbooks would dominate the squared
+error, while on the log scale an error means "off by a factor", which fits prices better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import RegressorMixin
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.decomposition import TruncatedSVD
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from sklearn.linear_model import LinearRegression, Ridge
+from sklearn.pipeline import FeatureUnion, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from helpers import config
+from helpers.features import MeanWordVectors, hand_features, item_texts
+from helpers.items import Item
+
+BOW_MAX_FEATURES = 1_000  # the 1,000 most frequent words (stop words out)
+RIDGE_ALPHA = 1.0
+SVD_TEXT_MAX_FEATURES = 5_000  # TF-IDF vocabulary before the SVD squeeze
+SVD_COMPONENTS = 50  # "topics" the gradient-boosted trees see from the text
+
+Predictor = Callable[[list[Item]], np.ndarray]
+
+
+def prices(items: list[Item]) -> np.ndarray:
+    """The true prices of ``items``."""
+    return np.array([item.price for item in items], dtype=float)
+
+
+def clip_prices(predictions: object) -> np.ndarray:
+    """Predictions as floats inside the curated price range."""
+    return np.clip(np.asarray(predictions, dtype=float), config.MIN_PRICE, config.MAX_PRICE)
+
+
+@dataclass(frozen=True)
+class RandomPricer:
+    """Uniform prices over [low, high]; each call restarts the generator, so calls repeat."""
+
+    low: float
+    high: float
+    seed: int
+
+    def __call__(self, items: list[Item]) -> np.ndarray:
+        return clip_prices(np.random.default_rng(self.seed).uniform(self.low, self.high, len(items)))
+
+
+@dataclass(frozen=True)
+class ConstantPricer:
+    """The same price for every book."""
+
+    price: float
+
+    def __call__(self, items: list[Item]) -> np.ndarray:
+        return clip_prices(np.full(len(items), self.price))
+
+
+@dataclass(frozen=True)
+class ModelPricer:
+    """A fitted scikit-learn regressor that reads Items and predicts dollars."""
+
+    model: RegressorMixin
+
+    def __call__(self, items: list[Item]) -> np.ndarray:
+        return clip_prices(self.model.predict(items))
+
+
+def fit_log_price(estimator: RegressorMixin, train: list[Item]) -> ModelPricer:
+    """Fit ``estimator`` (items -> log1p(price)) on ``train``; predict in dollars."""
+    model = TransformedTargetRegressor(regressor=estimator, func=np.log1p, inverse_func=np.expm1,
+                                       check_inverse=False)
+    return ModelPricer(model.fit(train, prices(train)))
+
+
+def fit_random(train: list[Item], seed: int = config.SEED) -> RandomPricer:
+    """Guess uniformly between the cheapest and the dearest train price: the floor."""
+    train_prices = prices(train)
+    return RandomPricer(float(train_prices.min()), float(train_prices.max()), seed)
+
+
+def fit_constant(train: list[Item], seed: int = config.SEED) -> ConstantPricer:
+    """Always guess the train mean (``seed`` unused, kept for a common signature)."""
+    return ConstantPricer(float(prices(train).mean()))
+
+
+def fit_linear_features(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """Ordinary least squares on the standardised hand features, for log1p(price)."""
+    return fit_log_price(make_pipeline(hand_features(), StandardScaler(), LinearRegression()), train)
+
+
+def fit_bag_of_words(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """Word counts (top :data:`BOW_MAX_FEATURES` words) -> ridge regression on log1p(price).
+
+    Ridge, not plain least squares: with 1,000 word columns and a hundred smoke books there
+    are more unknowns than equations, and OLS would fit the train set exactly and guess
+    wildly elsewhere. The small L2 penalty keeps it stable; on 400k books it barely differs.
+    """
+    vectoriser = CountVectorizer(max_features=BOW_MAX_FEATURES, stop_words="english")
+    return fit_log_price(make_pipeline(item_texts(), vectoriser, Ridge(alpha=RIDGE_ALPHA)), train)
+
+
+def fit_word2vec(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """Word2Vec trained on the train texts, mean vector per book -> ridge on log1p(price).
+
+    Ridge for the same reason as :func:`fit_bag_of_words` (100 dimensions, few smoke books).
+    """
+    return fit_log_price(make_pipeline(item_texts(), MeanWordVectors(seed=seed), Ridge(alpha=RIDGE_ALPHA)),
+                         train)
+
+
+def fit_gradient_boosting(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """Histogram gradient boosting on hand features + :data:`SVD_COMPONENTS` text "topics".
+
+    The text goes through TF-IDF then a truncated SVD (latent semantic analysis), so the
+    trees get a few dense columns instead of thousands of sparse ones.
+    """
+    text = make_pipeline(item_texts(),
+                         TfidfVectorizer(max_features=SVD_TEXT_MAX_FEATURES, stop_words="english", sublinear_tf=True),
+                         TruncatedSVD(n_components=SVD_COMPONENTS, random_state=seed))
+    features = FeatureUnion([("hand", hand_features()), ("text", text)])
+    return fit_log_price(make_pipeline(features, HistGradientBoostingRegressor(random_state=seed)), train)
+
+
+BASELINES: dict[str, Callable[[list[Item], int], Predictor]] = {
+    "Random": fit_random,
+    "Constant (train mean)": fit_constant,
+    "Linear regression (hand features)": fit_linear_features,
+    "Bag of words + linear regression": fit_bag_of_words,
+    "Word2Vec + linear regression": fit_word2vec,
+    "Gradient boosting (text + features)": fit_gradient_boosting,
+}

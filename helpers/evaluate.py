@@ -1,0 +1,285 @@
+"""The one harness every model in the course is judged by: metrics, charts, leaderboard.
+
+A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
+(``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
+an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
+recorded with its reason, and never stops the evaluation.
+
+Metrics are computed over the successful predictions only; failures are reported
+separately (``n_failed`` and :attr:`Evaluation.failures`). The one exception is
+``hit_rate``: greens divided by *all* items, so a failure counts as a miss and a model
+cannot raise its hit rate by refusing the hard books.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from helpers import config
+from helpers.config import Profile
+from helpers.items import Item
+from helpers.storage import write_file_atomically
+
+# --- how good is a guess -------------------------------------------------------------------
+GREEN_DOLLARS, GREEN_FRACTION = 40.0, 0.20  # green: off by less than $40 or less than 20%
+ORANGE_DOLLARS, ORANGE_FRACTION = 80.0, 0.40  # orange: off by less than $80 or less than 40%
+BOOTSTRAP_RESAMPLES = 1_000
+CONFIDENCE = 0.95
+PRICE_BUCKETS = (0, 10, 20, 50, 100, 200, math.inf)  # dollars, for the error-by-bucket chart
+FAILURES_IN_SUMMARY = 3
+METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate")
+
+ItemPredictor = Callable[[Item], object]
+BatchPredictor = Callable[[list[Item]], Sequence[object]]
+
+
+def as_price(value: object) -> tuple[float | None, str | None]:
+    """``(price, None)`` for a usable prediction, else ``(None, reason)``; never raises."""
+    if value is None:
+        return None, "returned None"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None, f"returned {type(value).__name__} {value!r:.40}, not a number"
+    price = float(value)
+    if not math.isfinite(price):
+        return None, f"returned {price}"
+    if price < 0:
+        return None, f"returned a negative price ({price:g})"
+    return price, None
+
+
+def _describe_error(error: Exception) -> str:
+    return f"raised {type(error).__name__}: {error}"
+
+
+@dataclass
+class Evaluation:
+    """One model's predictions on a list of items (NaN where a prediction failed)."""
+
+    name: str
+    truths: np.ndarray
+    predictions: np.ndarray
+    failures: list[tuple[int, str]]
+
+    @property
+    def errors(self) -> np.ndarray:
+        """Absolute error per item in dollars (NaN where the prediction failed)."""
+        return np.abs(self.predictions - self.truths)
+
+    @property
+    def colors(self) -> list[str]:
+        """``"green"``, ``"orange"`` or ``"red"`` per item; a failed prediction is red."""
+        errors, truths = self.errors, self.truths
+        with np.errstate(invalid="ignore"):  # NaN compares False: failures fall through to red
+            green = (errors < GREEN_DOLLARS) | (errors < GREEN_FRACTION * truths)
+            orange = (errors < ORANGE_DOLLARS) | (errors < ORANGE_FRACTION * truths)
+        return np.where(green, "green", np.where(orange, "orange", "red")).tolist()
+
+    @property
+    def metrics(self) -> dict[str, float | int]:
+        """n, n_failed, MAE with its bootstrap CI, median AE, RMSLE (successes only), hit rate (all items)."""
+        ok = ~np.isnan(self.predictions)
+        errors, truths, predictions = self.errors[ok], self.truths[ok], self.predictions[ok]
+        n = len(self.truths)
+        values: dict[str, float | int] = {
+            "n": n, "n_failed": n - int(ok.sum()), "hit_rate": self.colors.count("green") / n if n else math.nan,
+        }
+        if ok.any():
+            values["mae_ci_low"], values["mae_ci_high"] = bootstrap_mae_ci(errors)
+            values["mae"] = float(errors.mean())
+            values["median_ae"] = float(np.median(errors))
+            values["rmsle"] = float(np.sqrt(np.mean((np.log1p(predictions) - np.log1p(truths)) ** 2)))
+        return {column: values.get(column, math.nan) for column in METRIC_COLUMNS}
+
+    def summary(self) -> str:
+        """One line: the headline metrics, the failure count and the first few reasons."""
+        m = self.metrics
+        line = (f"{self.name}: MAE ${m['mae']:.2f} ({CONFIDENCE:.0%} CI ${m['mae_ci_low']:.2f}-${m['mae_ci_high']:.2f}), "
+                f"median AE ${m['median_ae']:.2f}, RMSLE {m['rmsle']:.3f}, hits {m['hit_rate']:.0%} "
+                f"on {m['n']} items, {m['n_failed']} failed")
+        if self.failures:
+            shown = "; ".join(f"#{index} {reason}" for index, reason in self.failures[:FAILURES_IN_SUMMARY])
+            more = " ..." if len(self.failures) > FAILURES_IN_SUMMARY else ""
+            line += f" ({shown}{more})"
+        return line
+
+
+def bootstrap_mae_ci(errors: np.ndarray) -> tuple[float, float]:
+    """Percentile-bootstrap interval (:data:`CONFIDENCE`) of the mean of ``errors``, seeded with config.SEED."""
+    rng = np.random.default_rng(config.SEED)
+    resamples = rng.integers(0, len(errors), size=(BOOTSTRAP_RESAMPLES, len(errors)))
+    means = errors[resamples].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[Item], *,
+             batched: bool = False) -> Evaluation:
+    """Price ``items`` with ``predictor`` and keep every answer, good or failed.
+
+    Bad outputs never stop the run; only a batched predictor that returns the wrong number
+    of prices raises (``ValueError``), since that is a bug in the predictor, not a bad guess.
+    """
+    outputs: list[tuple[object, str | None]]  # (value, reason it failed before returning)
+    if batched:
+        try:
+            values = predictor(list(items))
+        except Exception as error:  # any failure of the model is a result to report
+            outputs = [(None, _describe_error(error))] * len(items)
+        else:
+            count = len(values) if hasattr(values, "__len__") else None
+            if count != len(items):
+                got = f"{count} predictions" if count is not None else f"a {type(values).__name__}"
+                label = getattr(predictor, "__name__", type(predictor).__name__)
+                raise ValueError(f"Batched predictor {label} of {name!r} returned {got} for {len(items)} "
+                                 f"items: it must return one price per item.")
+            outputs = [(value, None) for value in values]
+    else:
+        outputs = []
+        for item in tqdm(items, desc=name, leave=False):
+            try:
+                outputs.append((predictor(item), None))
+            except Exception as error:  # any failure of the model is a result to report
+                outputs.append((None, _describe_error(error)))
+    predictions = np.full(len(items), np.nan)
+    failures = []
+    for index, (value, reason) in enumerate(outputs):
+        price, problem = as_price(value) if reason is None else (None, reason)
+        if price is None:
+            failures.append((index, problem))
+        else:
+            predictions[index] = price
+    truths = np.array([item.price for item in items], dtype=float)
+    return Evaluation(name=name, truths=truths, predictions=predictions, failures=failures)
+
+
+# --- charts --------------------------------------------------------------------------------
+def _save(figure: Figure, path: Path | None) -> Figure:
+    if path is not None:
+        write_file_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    return figure
+
+
+def _metrics_title(evaluation: Evaluation) -> str:
+    m = evaluation.metrics
+    failed = f", {m['n_failed']} failed" if m["n_failed"] else ""
+    return (f"{evaluation.name}\nMAE ${m['mae']:.2f}, RMSLE {m['rmsle']:.2f}, "
+            f"hits {m['hit_rate']:.0%} (n={m['n']}{failed})")
+
+
+def plot_scatter(evaluation: Evaluation, path: Path | None = None) -> Figure:
+    """Truth against prediction on log-log axes, coloured by error, with the perfect y = x line."""
+    figure = Figure(figsize=(6, 6))
+    axes = figure.subplots()
+    ok = ~np.isnan(evaluation.predictions)
+    colors = np.array(evaluation.colors)
+    limits = (config.MIN_PRICE, config.MAX_PRICE + 1)
+    shown = np.clip(evaluation.predictions[ok], *limits)  # a $0 guess sits on the edge, not off the chart
+    axes.scatter(evaluation.truths[ok], shown, c=colors[ok], s=14, alpha=0.7)
+    axes.plot(limits, limits, color="grey", linewidth=1, linestyle="--", label="perfect guess")
+    axes.set(xscale="log", yscale="log", xlim=limits, ylim=limits, xlabel="true price ($)",
+             ylabel="predicted price ($)", title=_metrics_title(evaluation))
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def bucket_labels() -> list[str]:
+    """``["$0-10", "$10-20", ..., "$200+"]`` for :data:`PRICE_BUCKETS`."""
+    edges = PRICE_BUCKETS
+    return [f"${low}-{high}" if math.isfinite(high) else f"${low}+" for low, high in zip(edges, edges[1:])]
+
+
+def plot_error_by_bucket(evaluation: Evaluation, path: Path | None = None) -> Figure:
+    """Mean absolute error per true-price bucket (successful predictions), with item counts."""
+    ok = ~np.isnan(evaluation.predictions)
+    buckets = pd.cut(pd.Series(evaluation.truths[ok]), PRICE_BUCKETS, right=False, labels=bucket_labels())
+    stats = pd.Series(evaluation.errors[ok]).groupby(buckets, observed=False).agg(["mean", "count"])
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    bars = axes.bar(stats.index.astype(str), stats["mean"].fillna(0), color="steelblue")
+    axes.bar_label(bars, labels=[f"n={count}" for count in stats["count"]], padding=2)
+    axes.set(xlabel="true price", ylabel="mean absolute error ($)", title=_metrics_title(evaluation))
+    axes.margins(y=0.15)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def chart_stem(name: str) -> str:
+    """A file-name-safe form of a model name: ``"Bag of words + LR"`` -> ``"bag-of-words-lr"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+
+
+def save_charts(evaluation: Evaluation, profile: Profile) -> dict[str, Path]:
+    """Save both charts as PNGs under ``results/<profile>/charts``; return their paths by kind."""
+    folder = profile.results_dir / "charts"
+    stem = chart_stem(evaluation.name)
+    paths = {"scatter": folder / f"{stem}-scatter.png", "error_by_bucket": folder / f"{stem}-error-by-bucket.png"}
+    plot_scatter(evaluation, paths["scatter"])
+    plot_error_by_bucket(evaluation, paths["error_by_bucket"])
+    return paths
+
+
+# --- the leaderboard -----------------------------------------------------------------------
+class Leaderboard:
+    """Every model's metrics in one CSV, one row per model name (a re-run replaces its row)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _rows(self) -> pd.DataFrame:
+        if not self.path.exists():
+            return pd.DataFrame(columns=["name", *METRIC_COLUMNS])
+        return pd.read_csv(self.path, dtype={"name": str})
+
+    def record(self, evaluation: Evaluation, **extra: object) -> None:
+        """Write ``evaluation``'s metrics (and ``extra`` columns), replacing any row of the same name."""
+        new = pd.DataFrame([{"name": evaluation.name, **evaluation.metrics, **extra}])
+        kept = self._rows()
+        kept = kept[kept["name"] != evaluation.name]
+        rows = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        write_file_atomically(self.path, lambda tmp: rows.to_csv(tmp, index=False))
+
+    def table(self) -> pd.DataFrame:
+        """All rows, best (lowest) MAE first."""
+        return self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
+
+    def plot(self, path: Path | None = None) -> Figure:
+        """Horizontal bars of MAE with their bootstrap intervals, best model on top."""
+        table = self.table().dropna(subset=["mae"])
+        if table.empty:
+            raise ValueError(f"No scored models in {self.path} yet: record an evaluation first.")
+        figure = Figure(figsize=(8, 0.5 * len(table) + 1.5))
+        axes = figure.subplots()
+        spread = [table["mae"] - table["mae_ci_low"], table["mae_ci_high"] - table["mae"]]
+        axes.barh(table["name"], table["mae"], xerr=spread, color="steelblue", capsize=3)
+        axes.invert_yaxis()
+        axes.set(xlabel=f"mean absolute error ($), with {CONFIDENCE:.0%} bootstrap interval",
+                 title=f"Leaderboard ({int(table['n'].max())} test books)")
+        figure.tight_layout()
+        return _save(figure, path)
+
+
+def leaderboard(profile: Profile) -> Leaderboard:
+    """The profile's leaderboard: ``results/<profile>/leaderboard.csv``."""
+    return Leaderboard(profile.results_dir / "leaderboard.csv")
+
+
+def eval_items(test: list[Item], profile: Profile) -> list[Item]:
+    """The fixed subset every model is scored on: the first ``profile.eval_size`` test items.
+
+    The test split is already shuffled with config.SEED, so the head is a fair sample.
+    """
+    if not test:
+        raise ValueError("The test split is empty: curate the data first (python -m helpers.curate).")
+    return test[: profile.eval_size]

@@ -1,0 +1,81 @@
+"""Small, self-made data for the tests: hand-built Items and Items from the shipped sample."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from helpers import config
+from helpers.data import parse_price
+from helpers.items import FORMATS, Item, describe
+
+_WORDS = ("dragon kingdom romance mystery detective murder garden cooking recipe history war "
+          "empire science physics chemistry biology engineering textbook edition manual guide "
+          "children picture poetry novel journey family love secret ocean mountain city night").split()
+_CATEGORIES = ("Literature & Fiction", "History", "Science & Math", "Children's Books", "Cookbooks")
+
+
+def make_item(**overrides: object) -> Item:
+    """A plausible book; any field can be overridden."""
+    fields = {
+        "asin": "B000000001",
+        "title": "A Book",
+        "price": 19.99,
+        "text": "A Book\nAuthor: Jane Doe\nCategory: History\nPages: 320\nA sweeping history of the sea.",
+        "token_count": 155,
+        "category": "History",
+        "format": "paperback",
+        "pages": 320.0,
+        "weight_oz": 12.0,
+        "year": 2015.0,
+        "rating_number": 42.0,
+        "average_rating": 4.4,
+        "description_chars": 300,
+    }
+    return Item(**{**fields, **overrides})
+
+
+def make_books(count: int, seed: int = 0) -> list[Item]:
+    """``count`` varied synthetic books whose price follows pages, format and a few words."""
+    rng = np.random.default_rng(seed)
+    books = []
+    for index in range(count):
+        book_format = FORMATS[index % len(FORMATS)]
+        category = _CATEGORIES[index % len(_CATEGORIES)]
+        pages = float(rng.integers(40, 1200))
+        words = rng.choice(_WORDS, size=30).tolist()
+        price = 5 + pages / 20 + 25 * ("textbook" in words) + 15 * (book_format == "hardcover")
+        text = f"Book {index}\nFormat: {book_format}\nCategory: {category}\nPages: {pages:.0f}\n{' '.join(words)}"
+        books.append(make_item(
+            asin=f"B{index:09d}", title=f"Book {index}", price=round(price * rng.uniform(0.8, 1.2), 2),
+            text=text, category=category, format=book_format, pages=pages if index % 7 else math.nan,
+            weight_oz=pages / 25, year=float(rng.integers(1950, 2023)),
+            rating_number=float(rng.integers(0, 5000)), average_rating=float(rng.uniform(1, 5)),
+            description_chars=len(text), token_count=len(text.split()),
+        ))
+    return books
+
+
+@pytest.fixture
+def books() -> list[Item]:
+    """60 synthetic books (train-sized for the baselines)."""
+    return make_books(60)
+
+
+@pytest.fixture(scope="session")
+def sample_items() -> list[Item]:
+    """Items built from the real records shipped in data/sample (those with a usable price)."""
+    items = []
+    with open(config.SAMPLE_PATH, encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            price, _ = parse_price(record.get("price"))
+            if price is None:
+                continue
+            described = describe(record)
+            text = described.pop("content")
+            items.append(Item(**described, price=price, text=text, token_count=len(text.split())))
+    return items

@@ -1,0 +1,159 @@
+"""The evaluation harness: metrics, colours, bad predictors, charts and the leaderboard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import make_item
+from matplotlib.figure import Figure
+
+from helpers.config import Profile, get_profile
+from helpers.evaluate import (
+    Evaluation,
+    Leaderboard,
+    chart_stem,
+    eval_items,
+    evaluate,
+    leaderboard,
+    plot_error_by_bucket,
+    plot_scatter,
+    save_charts,
+)
+
+
+def scored(truths: list[float], predictions: list[float], name: str = "model") -> Evaluation:
+    """An evaluation of a per-item predictor that answers ``predictions`` in order."""
+    items = [make_item(asin=str(index), price=price) for index, price in enumerate(truths)]
+    answers = dict(zip((item.asin for item in items), predictions))
+    return evaluate(name, lambda item: answers[item.asin], items)
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    metrics = scored([10, 20, 100], [12, 15, 50]).metrics  # errors 2, 5, 50
+    assert metrics["n"] == 3 and metrics["n_failed"] == 0
+    assert metrics["mae"] == pytest.approx(19.0)
+    assert metrics["median_ae"] == pytest.approx(5.0)
+    squared_logs = [(math.log(13) - math.log(11)) ** 2, (math.log(16) - math.log(21)) ** 2,
+                    (math.log(51) - math.log(101)) ** 2]
+    assert metrics["rmsle"] == pytest.approx(math.sqrt(sum(squared_logs) / 3))
+    assert metrics["hit_rate"] == pytest.approx(2 / 3)  # the $50 miss on $100 is orange
+
+
+def test_metrics_skip_failures_but_hit_rate_counts_them_as_misses() -> None:
+    evaluation = scored([10, 20, 30, 40], [11, 22, None, "oops"])
+    metrics = evaluation.metrics
+    assert (metrics["n"], metrics["n_failed"]) == (4, 2)
+    assert metrics["mae"] == pytest.approx(1.5)
+    assert metrics["hit_rate"] == pytest.approx(0.5)
+    assert evaluation.colors == ["green", "green", "red", "red"]
+
+
+def test_all_failed_gives_nan_metrics_and_a_summary() -> None:
+    evaluation = scored([10, 20], [None, None], name="mute")
+    metrics = evaluation.metrics
+    assert metrics["n_failed"] == 2 and math.isnan(metrics["mae"]) and metrics["hit_rate"] == 0
+    assert "2 failed" in evaluation.summary()
+
+
+@pytest.mark.parametrize(("truth", "prediction", "color"), [
+    (100, 139, "green"), (100, 140, "orange"),  # $40, absolute
+    (100, 61, "green"), (100, 60, "orange"),  # under-predictions too
+    (500, 599, "green"), (500, 600, "orange"),  # 20% of $500 = $100
+    (100, 179, "orange"), (100, 180, "red"),  # $80, absolute
+    (500, 699, "orange"), (500, 700, "red"),  # 40% of $500 = $200
+])
+def test_colour_boundaries_are_strict(truth: float, prediction: float, color: str) -> None:
+    assert scored([truth], [prediction]).colors == [color]
+
+
+def test_bootstrap_interval_contains_the_mae_and_is_reproducible() -> None:
+    rng = np.random.default_rng(0)
+    truths = rng.uniform(5, 100, 50)
+    predictions = truths + rng.normal(0, 10, 50)
+    metrics = scored(list(truths), list(predictions)).metrics
+    assert metrics["mae_ci_low"] < metrics["mae"] < metrics["mae_ci_high"]
+    assert metrics == scored(list(truths), list(predictions)).metrics
+    constant_error = scored(list(truths), list(truths + 3)).metrics
+    assert constant_error["mae_ci_low"] == pytest.approx(3) == constant_error["mae_ci_high"]
+
+
+def test_bad_predictions_are_counted_not_crashed() -> None:
+    def flaky(item):
+        if item.asin == "0":
+            raise RuntimeError("model crashed")
+        return {"1": None, "2": math.nan, "3": -5.0, "4": "12.00", "5": math.inf,
+                "6": 10, "7": np.float32(7.5), "8": True}[item.asin]
+
+    items = [make_item(asin=str(index), price=10.0) for index in range(9)]
+    evaluation = evaluate("flaky", flaky, items)
+    reasons = dict(evaluation.failures)
+    assert sorted(reasons) == [0, 1, 2, 3, 4, 5, 8]
+    assert "RuntimeError: model crashed" in reasons[0]
+    assert "None" in reasons[1] and "nan" in reasons[2] and "negative" in reasons[3]
+    assert "str" in reasons[4] and "inf" in reasons[5] and "bool" in reasons[8]
+    assert np.isnan(evaluation.predictions[[0, 1, 2, 3, 4, 5, 8]]).all()
+    assert evaluation.predictions[6] == 10 and evaluation.predictions[7] == 7.5
+    summary = evaluation.summary()
+    assert "7 failed" in summary and "model crashed" in summary
+
+
+def test_batched_predictor_failures() -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def broken(batch):
+        raise MemoryError("GPU out of memory")
+
+    evaluation = evaluate("broken", broken, items, batched=True)
+    assert [index for index, _ in evaluation.failures] == [0, 1, 2]
+    assert all("GPU out of memory" in reason for _, reason in evaluation.failures)
+
+    partial = evaluate("partial", lambda batch: np.array([10.0, np.nan, -1.0]), items, batched=True)
+    assert [index for index, _ in partial.failures] == [1, 2]
+    assert partial.predictions[0] == 10.0
+
+
+def test_batched_predictor_of_wrong_length_is_a_programming_error() -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+    with pytest.raises(ValueError, match="short"):
+        evaluate("short", lambda batch: [10.0, 12.0], items, batched=True)
+    with pytest.raises(ValueError, match="silent"):
+        evaluate("silent", lambda batch: None, items, batched=True)
+
+
+def test_leaderboard_replaces_a_rerun_and_sorts_by_mae(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "results" / "leaderboard.csv")
+    assert board.table().empty
+    board.record(scored([10, 20], [30, 40], name="first try"), train_items=91)
+    board.record(scored([10, 20], [11, 21], name="good"))
+    board.record(scored([10, 20], [12, 22], name="first try"), train_items=91)
+    table = board.table()
+    assert table["name"].tolist() == ["good", "first try"]
+    assert table["mae"].tolist() == pytest.approx([1.0, 2.0])
+    assert table.loc[1, "train_items"] == 91
+    assert [path.name for path in board.path.parent.iterdir()] == ["leaderboard.csv"]  # no temp files left
+    assert isinstance(board.plot(tmp_path / "board.png"), Figure)
+    assert (tmp_path / "board.png").stat().st_size > 0
+
+
+def test_profile_paths_and_the_fixed_eval_subset() -> None:
+    profile = get_profile("smoke", eval_size=2)
+    assert leaderboard(profile).path == profile.results_dir / "leaderboard.csv"
+    test = [make_item(asin=str(index)) for index in range(5)]
+    assert [item.asin for item in eval_items(test, profile)] == ["0", "1"]
+    with pytest.raises(ValueError):
+        eval_items([], profile)
+
+
+def test_charts_are_figures_and_saved_as_png(tmp_path, monkeypatch) -> None:
+    evaluation = scored([5, 15, 45, 90, 150, 400], [6, 10, 50, None, 100, 300], name="Bag of words + LR")
+    for plot in (plot_scatter, plot_error_by_bucket):
+        assert isinstance(plot(evaluation), Figure)
+    monkeypatch.setattr(Profile, "results_dir", property(lambda self: tmp_path))
+    paths = save_charts(evaluation, get_profile("smoke"))
+    assert set(paths) == {"scatter", "error_by_bucket"}
+    for path in paths.values():
+        assert path.parent == tmp_path / "charts" and path.name.startswith("bag-of-words-lr")
+        assert path.read_bytes().startswith(b"\x89PNG")
+    assert chart_stem("Gradient boosting (text + features)") == "gradient-boosting-text-features"
