@@ -61,10 +61,14 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBa
     cut = [ids[: config.MAX_TOKENS] for ids in encoded]
     reasons = [reason or (KEPT if len(ids) > config.MIN_TOKENS else "too few tokens")
                for reason, ids in zip(batch["skip_reason"], encoded)]
+    kept = [i for i, reason in enumerate(reasons) if reason == KEPT]
+    texts = [""] * len(cut)  # only kept items need their text (saves memory on 4.45M rows)
+    for i, text in zip(kept, tokenizer.batch_decode([cut[i] for i in kept])):
+        texts[i] = text
     return {
         "content_tokens": [len(ids) for ids in encoded],
         "token_count": [len(ids) for ids in cut],
-        "text": tokenizer.batch_decode(cut),
+        "text": texts,
         "skip_reason": reasons,
     }
 
@@ -94,7 +98,7 @@ class Curation:
 
     train: list[Item]
     test: list[Item]
-    records: pd.DataFrame  # one row per raw record: price, content_tokens, skip_reason, ...
+    records: pd.DataFrame  # one row per raw record: price, content_tokens, skip_reason
     manifest: dict
 
     @property
@@ -128,8 +132,10 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerBase | None = 
     described = raw.map(describe_batch, remove_columns=raw.column_names, desc="Scrub + parse", **common)
     counted = described.map(count_and_cut_batch, fn_kwargs={"tokenizer": tokenizer},
                             remove_columns=["content"], desc="Count tokens", **common)
-    records = counted.to_pandas()
-    kept = records[records["skip_reason"] == KEPT].drop_duplicates("asin")
+    records = counted.select_columns(["price", "content_tokens", "skip_reason"]).to_pandas()
+    kept = (counted.filter(lambda reasons: [reason == KEPT for reason in reasons], input_columns="skip_reason",
+                           desc="Keep", **common)
+            .to_pandas().drop_duplicates("asin"))
     balanced = balance(kept, profile.max_per_dollar)
     train, test = split(balanced, profile.test_size)
     manifest = {
