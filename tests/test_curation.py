@@ -207,3 +207,11 @@ def test_interrupted_folder_write_leaves_the_old_folder(tmp_path):
         write_folder_atomically(target, crash)
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_curation_is_identical_with_several_processes_and_other_batches(curated, tokenizer, tmp_path):
+    _, single = curated
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "DATA_DIR", tmp_path)
+        parallel = curate(config.get_profile("smoke", num_proc=2, batch_size=16), tokenizer)
+    assert parallel.manifest["sha256"] == single.manifest["sha256"]
