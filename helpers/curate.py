@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerFast
 
 from helpers import assets, config
 from helpers.data import load_raw, parse_price
@@ -43,7 +43,7 @@ def describe_batch(batch: dict[str, list]) -> dict[str, list]:
     return out
 
 
-def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase) -> dict[str, list]:
+def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
     """Count the tokens of each content in one batched call, and cut kept texts to MAX_TOKENS.
 
     Tokenising costs time per character, and only the first MAX_TOKENS tokens matter, so we
@@ -52,7 +52,8 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBa
     MAX_TOKENS and the cut texts are exactly those of the full texts.
     """
     contents = batch["content"]
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
+    encode = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     encoded = encode([content[: config.MAX_CHARS] for content in contents])
     unsure = [i for i, ids in enumerate(encoded)
               if len(ids) < config.SURE_TOKENS and len(contents[i]) > config.MAX_CHARS]
@@ -63,7 +64,7 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBa
                for reason, ids in zip(batch["skip_reason"], encoded)]
     kept = [i for i, reason in enumerate(reasons) if reason == KEPT]
     texts = [""] * len(cut)  # only kept items need their text (saves memory on 4.45M rows)
-    for i, text in zip(kept, tokenizer.batch_decode([cut[i] for i in kept])):
+    for i, text in zip(kept, backend.decode_batch([cut[i] for i in kept])):
         texts[i] = text
     return {
         "content_tokens": [len(ids) for ids in encoded],
@@ -122,7 +123,7 @@ def _funnel(records: pd.DataFrame, deduplicated: int, balanced: int, train: int,
                    {"stage": "test split", "items": test, "dropped": 0}]
 
 
-def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerBase | None = None) -> Curation:
+def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = None) -> Curation:
     """Run every curation step for ``profile`` and save the result (see :func:`save`)."""
     started = time.perf_counter()
     tokenizer = tokenizer or assets.load_tokenizer(profile.tokenizer_source)
