@@ -25,3 +25,4 @@ def test_notebook_is_clean_and_parameterised(path):
     tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
     assert len(tagged) == 1 and re.search(r"^PROFILE = ", tagged[0].source, re.M)
     assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith(f"# {path.name[:2]}")
+    assert "google.colab" in notebook.cells[1].source, "the second cell sets up Colab"

@@ -1,0 +1,175 @@
+"""Turn a language model into a batched price predictor for the evaluation harness.
+
+Two decoders, both reading the prompt that ends with "Price is $":
+
+* :class:`NumberTokenPredictor`: when the tokenizer writes every whole number 1..999 as ONE
+  token (Llama 3.1 does), one forward pass reads the next-token distribution over those
+  999 tokens: its argmax is a price, and its probability-weighted mean another;
+* :class:`GeneratePredictor`: greedy generation of a few tokens, parsed as a number; it works
+  with any tokenizer, including those that split numbers into digits (SmolLM2 does).
+
+Both predictors are called as ``predictor(items) -> list[price | None]``; use them with
+``evaluate(name, predictor, items, batched=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from helpers import config, finetune
+from helpers.items import Item
+
+LARGEST_PRICE = 999  # every price in the course rounds to 1..999 dollars
+MAX_NEW_TOKENS = 6  # "999.00" digit by digit; a whole-number tokenizer needs 3 ("999", ".", "00")
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def parse_price(text: str) -> float | None:
+    """The first number in generated ``text`` ("21.00" -> 21.0, "1,299" -> 1299.0), else None."""
+    match = _NUMBER.search(text)
+    return float(match.group().replace(",", "")) if match else None
+
+
+def number_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """Token ids of the numbers 1..999 (index n-1 holds n), or None if one is not a single token."""
+    ids = []
+    for number in range(1, LARGEST_PRICE + 1):
+        encoded = tokenizer.encode(str(number), add_special_tokens=False)
+        if len(encoded) != 1:
+            return None
+        ids.append(encoded[0])
+    return ids
+
+
+def _batches(prompts: list[str], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``prompts`` in batches of similar length (less padding), longest first."""
+    order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device) -> dict:
+    """Prompts as one left-padded batch, so that every row's last position is its last token."""
+    return tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
+
+
+@dataclass
+class NumberPredictions:
+    """The two readings of the next-token distribution over the numbers 1..999."""
+
+    argmax: np.ndarray  # the single most likely whole-dollar price
+    expected: np.ndarray  # the probability-weighted mean price
+
+
+class NumberTokenPredictor:
+    """One forward pass per batch: the next-token distribution restricted to the numbers 1..999.
+
+    Calling it returns the argmax, the price greedy generation would write, only faster;
+    :meth:`argmax` and :meth:`expected` return each reading from one shared forward pass.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
+        ids = number_token_ids(tokenizer)
+        if ids is None:
+            raise ValueError(f"{type(tokenizer).__name__} (vocabulary {len(tokenizer):,}) does not write every "
+                             f"number 1..{LARGEST_PRICE} as a single token, so one forward pass cannot read a "
+                             "price: use GeneratePredictor (or llm_predictor, which picks it for you).")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.number_ids = torch.tensor(ids)
+        self.prices = torch.arange(1, LARGEST_PRICE + 1, dtype=torch.float32)
+        self._last: tuple[tuple[str, ...], NumberPredictions] | None = None
+
+    def distribution(self, prompts: list[str]) -> torch.Tensor:
+        """``(len(prompts), 999)`` probabilities of the next token being 1..999 (renormalised)."""
+        device = self.model.device
+        rows = torch.empty(len(prompts), LARGEST_PRICE)
+        with torch.inference_mode():
+            for batch in _batches(prompts, self.batch_size):
+                inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], device)
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
+                rows[batch] = torch.softmax(logits[:, self.number_ids.to(device)].float(), dim=-1).cpu()
+        return rows
+
+    def predict(self, items: list[Item]) -> NumberPredictions:
+        """Both readings for ``items``; asking again for the same items reuses the forward pass."""
+        prompts = tuple(item.test_prompt for item in items)
+        if self._last is None or self._last[0] != prompts:
+            probabilities = self.distribution(list(prompts))
+            self._last = prompts, NumberPredictions(
+                argmax=(probabilities.argmax(dim=-1) + 1).numpy().astype(float),
+                expected=(probabilities @ self.prices).numpy().astype(float),
+            )
+        return self._last[1]
+
+    def argmax(self, items: list[Item]) -> list[float]:
+        return self.predict(items).argmax.tolist()
+
+    def expected(self, items: list[Item]) -> list[float]:
+        return self.predict(items).expected.tolist()
+
+    def __call__(self, items: list[Item]) -> list[float]:
+        return self.argmax(items)
+
+
+class GeneratePredictor:
+    """Greedy generation of a few tokens after each prompt, read as a number (None if there is none)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        """The text each prompt is continued with."""
+        texts: list[str] = [""] * len(prompts)
+        with torch.inference_mode():
+            for batch in _batches(prompts, self.batch_size):
+                inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], self.model.device)
+                output = self.model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+                new_tokens = output[:, inputs["input_ids"].shape[1]:]
+                for index, text in zip(batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    texts[index] = text
+        return texts
+
+    def __call__(self, items: list[Item]) -> list[float | None]:
+        return [parse_price(text) for text in self.generate([item.test_prompt for item in items])]
+
+
+def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                  profile: config.Profile) -> NumberTokenPredictor | GeneratePredictor:
+    """The fastest predictor the tokenizer allows.
+
+    Llama 3.1 (full profile) writes every number 1..999 as one token, so a single forward
+    pass prices a whole batch (:class:`NumberTokenPredictor`). SmolLM2 (smoke profile)
+    splits "21" into "2" and "1", so no single next token can hold a price: it takes the
+    generate path (:class:`GeneratePredictor`), a few decoding steps per batch.
+    """
+    if number_token_ids(tokenizer) is not None:
+        return NumberTokenPredictor(model, tokenizer, profile.predict_batch_size)
+    return GeneratePredictor(model, tokenizer, profile.predict_batch_size)
+
+
+def load_finetuned(profile: config.Profile, adapter: Path | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The 4-bit base model with the trained LoRA adapter attached, ready for inference.
+
+    ``adapter`` defaults to the profile's run folder (``runs/<profile>/qlora/adapter``).
+    """
+    adapter = Path(adapter or finetune.adapter_dir(finetune.default_run_dir(profile)))
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"No adapter in {adapter}: run notebook 04 or "
+                                f"`python -m helpers.train --profile {profile.name}` first.")
+    base, _ = finetune.load_base_model(profile)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(adapter)

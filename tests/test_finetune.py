@@ -1,0 +1,141 @@
+"""QLoRA set-up: the recipe's settings, a leak-free prompt/completion dataset, a real resumable run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.trainer_callback import TrainerState
+
+from helpers import assets, config, finetune
+from helpers.curate import curate, load_curated
+
+RESUME_MAX_STEPS, RESUME_SAVE_STEPS = 6, 2
+STARTUP_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def smoke() -> config.Profile:
+    profile = config.get_profile("smoke")
+    if not (profile.curated_dir / "manifest.json").exists():
+        curate(profile)
+    return profile
+
+
+@pytest.fixture(scope="module")
+def train_items(smoke):
+    return load_curated(smoke)[0]
+
+
+def test_quantization_is_nf4_with_double_quantisation():
+    settings = finetune.quantization_config()
+    assert settings.load_in_4bit and settings.bnb_4bit_quant_type == "nf4" and settings.bnb_4bit_use_double_quant
+    assert settings.bnb_4bit_compute_dtype == finetune.compute_dtype()
+    if not torch.cuda.is_available():
+        assert finetune.compute_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(config.PROFILES))
+def test_trainer_settings_follow_the_recipe(name, tmp_path):
+    profile = config.get_profile(name)
+    settings = finetune.sft_config(profile, tmp_path)
+    training = profile.training
+    assert settings.optim == "paged_adamw_32bit"
+    assert settings.lr_scheduler_type == "cosine"
+    assert settings.warmup_steps == training.warmup_ratio == 0.03
+    assert settings.completion_only_loss is True
+    assert settings.max_length == training.max_length and settings.seed == config.SEED
+    assert settings.eval_strategy == "steps" and settings.save_steps == training.save_steps
+    assert not settings.bf16 and not settings.fp16 or torch.cuda.is_available()
+    lora = finetune.lora_config(training)
+    assert (lora.r, lora.lora_alpha, lora.task_type) == (training.lora_r, training.lora_alpha, "CAUSAL_LM")
+    assert set(lora.target_modules) == set(training.target_modules)
+
+
+def test_the_answer_is_never_in_the_prompt(train_items):
+    dataset = finetune.sft_dataset(train_items)
+    for row, item in zip(dataset, train_items):
+        assert row["prompt"].endswith(config.ANSWER_PREFIX)
+        assert row["completion"] == f"{item.dollars}.00"
+        assert row["prompt"] + row["completion"] == item.prompt
+
+
+def test_trainer_masks_the_prompt_and_ends_the_completion(smoke, train_items, tmp_path):
+    """Through TRL's own preprocessing: only "NN.00" + end-of-sequence carries a loss."""
+    tokenizer = assets.load_tokenizer(smoke.base_model)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    trainer = finetune.make_trainer(smoke, tiny, tokenizer, train_items[:3], train_items[3:4], tmp_path)
+    for row, item in zip(trainer.train_dataset, train_items):
+        answer = [token for token, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        assert tokenizer.decode(answer) == item.completion + tokenizer.eos_token
+
+
+def test_validation_is_carved_from_train(train_items):
+    train, validation = finetune.split_validation(train_items)
+    assert validation and not {item.asin for item in train} & {item.asin for item in validation}
+    assert len(train) + len(validation) == len(train_items)
+
+
+def test_memory_estimate_knows_llama_3_1_8b_offline():
+    training = config.get_profile("full").training
+    llama = finetune.memory_estimate(config.LLAMA_HUB_ID, training)
+    smol = finetune.memory_estimate("smollm2", config.get_profile("smoke").training)
+    assert abs(llama.parameters - 8.03e9) < 0.01e9
+    assert 4 < llama.weights < 7 and llama.total < 16  # fits a free Colab T4
+    assert smol.parameters < 0.2e9 and smol.total < llama.total
+
+
+def _train_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "helpers.train", "--profile", "smoke", "--max-steps", str(RESUME_MAX_STEPS),
+            "--save-steps", str(RESUME_SAVE_STEPS), "--output-dir", str(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(smoke, tmp_path_factory) -> tuple[Path, str]:
+    """A real 4-bit QLoRA run killed (SIGKILL) after its first checkpoint, then started again."""
+    run_dir = tmp_path_factory.mktemp("run")
+    first_checkpoint = run_dir / "checkpoints" / f"checkpoint-{RESUME_SAVE_STEPS}" / finetune.TRAINER_STATE
+    first = subprocess.Popen(_train_command(run_dir), cwd=config.REPO_ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not first_checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first_checkpoint.exists(), "the first run never wrote a checkpoint"
+    assert not (run_dir / "adapter").exists(), "the first run finished before it was killed"
+    second = subprocess.run(_train_command(run_dir), cwd=config.REPO_ROOT, capture_output=True, text=True,
+                            timeout=STARTUP_TIMEOUT_S)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return run_dir, second.stdout
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(interrupted_run):
+    run_dir, stdout = interrupted_run
+    card = json.loads((run_dir / "run_card.json").read_text())
+    assert card["resumed_from"] and f"Resumed from {run_dir}" in stdout
+    assert int(card["resumed_from"].rsplit("-", 1)[1]) < RESUME_MAX_STEPS
+    final = TrainerState.load_from_json(str(run_dir / "checkpoints" / f"checkpoint-{RESUME_MAX_STEPS}"
+                                            / finetune.TRAINER_STATE))
+    assert final.global_step == card["global_step"] == RESUME_MAX_STEPS
+    logged_steps = [log["step"] for log in final.log_history if "loss" in log]
+    assert logged_steps == list(range(1, RESUME_MAX_STEPS + 1)), "steps before the kill were lost or repeated"
+
+
+def test_a_run_saves_its_adapter_and_run_card(interrupted_run):
+    run_dir, _ = interrupted_run
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "tokenizer.json").exists()
+    card = json.loads((run_dir / "run_card.json").read_text())
+    assert card["hyperparameters"]["optimizer"] == "paged_adamw_32bit"
+    assert card["data_sha256"] and card["eval_loss_before"] > 0 and card["eval_loss_after"] > 0
+    assert card["tokens_per_second"] > 0 and card["wall_seconds"] > 0
