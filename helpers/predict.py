@@ -73,7 +73,7 @@ class NumberTokenPredictor:
     """One forward pass per batch: the next-token distribution restricted to the numbers 1..999.
 
     Calling it returns the argmax, the price greedy generation would write, only faster;
-    :meth:`argmax` and :meth:`expected` return each reading from one shared forward pass.
+    :meth:`predict` returns both readings (argmax and expected price) from one pass.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
@@ -85,7 +85,6 @@ class NumberTokenPredictor:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.number_ids = torch.tensor(ids)
         self.prices = torch.arange(1, LARGEST_PRICE + 1, dtype=torch.float32)
-        self._last: tuple[tuple[str, ...], NumberPredictions] | None = None
 
     def distribution(self, prompts: list[str]) -> torch.Tensor:
         """``(len(prompts), 999)`` probabilities of the next token being 1..999 (renormalised)."""
@@ -99,15 +98,12 @@ class NumberTokenPredictor:
         return rows
 
     def predict(self, items: list[Item]) -> NumberPredictions:
-        """Both readings for ``items``; asking again for the same items reuses the forward pass."""
-        prompts = tuple(item.test_prompt for item in items)
-        if self._last is None or self._last[0] != prompts:
-            probabilities = self.distribution(list(prompts))
-            self._last = prompts, NumberPredictions(
-                argmax=(probabilities.argmax(dim=-1) + 1).numpy().astype(float),
-                expected=(probabilities @ self.prices).numpy().astype(float),
-            )
-        return self._last[1]
+        """Both readings for ``items`` from one forward pass."""
+        probabilities = self.distribution([item.test_prompt for item in items])
+        return NumberPredictions(
+            argmax=(probabilities.argmax(dim=-1) + 1).numpy().astype(float),
+            expected=(probabilities @ self.prices).numpy().astype(float),
+        )
 
     def argmax(self, items: list[Item]) -> list[float]:
         return self.predict(items).argmax.tolist()
