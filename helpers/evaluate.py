@@ -254,6 +254,15 @@ class Leaderboard:
         """All rows, best (lowest) MAE first."""
         return self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
 
+    def markdown(self) -> str:
+        """The table as Markdown, best first: MAE with its interval, median error, RMSLE, hit rate."""
+        lines = ["| model | MAE ($) | 95% CI ($) | median AE ($) | RMSLE | hit rate | failed |",
+                 "|---|---|---|---|---|---|---|"]
+        for row in self.table().itertuples():
+            lines.append(f"| {row.name} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | "
+                         f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
+        return "\n".join(lines)
+
     def plot(self, path: Path | None = None) -> Figure:
         """Horizontal bars of MAE with their bootstrap intervals, best model on top."""
         table = self.table().dropna(subset=["mae"])
@@ -283,3 +292,20 @@ def eval_items(test: list[Item], profile: Profile) -> list[Item]:
     if not test:
         raise ValueError("The test split is empty: curate the data first (python -m helpers.curate).")
     return test[: profile.eval_size]
+
+
+def main() -> None:
+    """Print a profile's leaderboard as Markdown: ``python -m helpers.evaluate [--profile P]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
+                        help=f"default: ${config.PROFILE_ENV} or smoke")
+    board = leaderboard(config.get_profile(parser.parse_args().profile))
+    if not board.path.exists():
+        raise SystemExit(f"No leaderboard at {board.path}: run the notebooks first (make smoke).")
+    print(board.markdown())
+
+
+if __name__ == "__main__":
+    main()

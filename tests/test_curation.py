@@ -1,16 +1,15 @@
 """Curation: price parsing, scrubbing, prompts, the token filter, the split, saving."""
 
 import json
-import math
-
 import pandas as pd
 import pytest
+from conftest import make_item
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
 from helpers.curate import balance, count_and_cut_batch, curate, load_curated, split
 from helpers.data import load_raw, parse_price
-from helpers.items import Item, author_name, book_format, describe, parse_details, scrub
+from helpers.items import author_name, book_format, describe, parse_details, scrub
 from helpers.storage import write_folder_atomically
 
 
@@ -89,24 +88,18 @@ def test_describe_puts_no_product_codes_or_isbns_in_content():
     assert described["content"].startswith("Chaucer")
 
 
-def make_item(price: float, text: str = "text", asin: str = "A") -> Item:
-    return Item(asin=asin, title="t", price=price, text=text, token_count=1, category="c", format="other",
-                pages=math.nan, weight_oz=math.nan, year=math.nan, rating_number=math.nan,
-                average_rating=math.nan, description_chars=0)
-
-
 @pytest.mark.parametrize("price, dollars", [(0.5, 1), (1.49, 1), (2.5, 3), (24.99, 25), (999.49, 999)])
 def test_prompts_round_half_up_and_end_where_the_answer_goes(price, dollars):
-    item = make_item(price, "Some book")
+    item = make_item(price=price, text="Some book")
     assert item.test_prompt == f"{config.QUESTION}\n\nSome book\n\n{config.ANSWER_PREFIX}"
     assert item.prompt == f"{item.test_prompt}{dollars}.00"
     assert item.prompt.startswith("How much does this cost to the nearest dollar?\n\n")
 
 
 def test_every_answer_from_1_to_999_is_one_llama_token(tokenizer):
-    prefix_ids = tokenizer.encode(make_item(1).test_prompt, add_special_tokens=False)
+    prefix_ids = tokenizer.encode(make_item(price=1).test_prompt, add_special_tokens=False)
     for dollars in range(1, 1000):
-        ids = tokenizer.encode(make_item(dollars).prompt, add_special_tokens=False)
+        ids = tokenizer.encode(make_item(price=dollars).prompt, add_special_tokens=False)
         assert ids[: len(prefix_ids)] == prefix_ids
         assert ids[len(prefix_ids)] == tokenizer.convert_tokens_to_ids(str(dollars))
         assert tokenizer.decode(ids[len(prefix_ids)]) == str(dollars)

@@ -137,6 +137,15 @@ def test_leaderboard_replaces_a_rerun_and_sorts_by_mae(tmp_path) -> None:
     assert (tmp_path / "board.png").stat().st_size > 0
 
 
+def test_leaderboard_prints_markdown_best_first(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10.0, 20.0], [12.0, 20.0], name="good"))
+    board.record(scored([10.0, 20.0], [30.0, 50.0], name="bad"))
+    lines = board.markdown().splitlines()
+    assert lines[0].startswith("| model | MAE ($)") and len(lines) == 4
+    assert lines[2].startswith("| good | 1.00 |") and lines[3].startswith("| bad | 25.00 |")
+
+
 def test_profile_paths_and_the_fixed_eval_subset() -> None:
     profile = get_profile("smoke", eval_size=2)
     assert leaderboard(profile).path == profile.results_dir / "leaderboard.csv"
