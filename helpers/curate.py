@@ -28,17 +28,19 @@ from helpers.storage import sha256_of, write_folder_atomically
 
 ITEM_COLUMNS = [f.name for f in fields(Item)]
 KEPT = ""  # the skip reason of a record that survives
+UNPRICED = describe({})  # the (empty) description of a record dropped for its price
 
 
 def describe_batch(batch: dict[str, list]) -> dict[str, list]:
-    """Parse the price and build the scrubbed content of each raw record in a batch."""
+    """Parse the price and build the scrubbed content of each priced raw record in a batch."""
     records = [dict(zip(batch, values)) for values in zip(*batch.values())]
     out: dict[str, list] = {"price": [], "skip_reason": []}
     for record in records:
         price, reason = parse_price(record.get("price"))
         out["price"].append(price if price is not None else float("nan"))
         out["skip_reason"].append(reason or KEPT)
-        for key, value in describe(record).items():
+        described = UNPRICED if reason else describe(record)  # no text work for a dropped record
+        for key, value in described.items():
             out.setdefault(key, []).append(value)
     return out
 
