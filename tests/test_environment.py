@@ -54,3 +54,44 @@ def test_hub_errors_name_the_fix(message, error):
 def test_missing_package_names_the_fix():
     with pytest.raises(FileNotFoundError, match="make setup"):
         assets.package_file("no_such_package_here", "x")
+
+
+@pytest.fixture(scope="module")
+def sample_texts():
+    import json
+
+    from helpers.items import describe
+    return [describe(json.loads(line))["content"] for line in config.SAMPLE_PATH.read_text().splitlines()]
+
+
+def test_offline_tokenizer_matches_tiktoken_on_metas_own_file(sample_texts):
+    """The converted tokenizer gives exactly the ids tiktoken gives with Meta's tokenizer.model."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(assets.package_file("llama_models", "llama3/tokenizer.model")))
+    reference = tiktoken.Encoding("llama3", pat_str=assets.LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens={})
+    tokenizer = assets.llama3_tokenizer_offline()
+    texts = sample_texts + ["Price is $123.00", "  spaces\n\nand 1,299.99 numbers 12345"]
+    mismatches = [text[:60] for text in texts
+                  if tokenizer.encode(text, add_special_tokens=False) != reference.encode(text)]
+    assert not mismatches
+
+
+def test_offline_tokenizer_matches_the_hub_one_when_online(sample_texts):
+    """With internet and an accepted license, the hub's Llama 3.1 tokenizer counts the same."""
+    import socket
+
+    try:  # one quick look first: the hub client retries an unreachable host for ~50 s
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        pytest.skip("no route to huggingface.co")
+    try:
+        hub = assets.load_tokenizer(config.LLAMA_HUB_ID)
+    except (OSError, PermissionError) as error:
+        pytest.skip(f"the hub's Llama 3.1 tokenizer is out of reach here: {type(error).__name__}")
+    offline = assets.llama3_tokenizer_offline()
+    assert len(hub) == len(offline)
+    assert [len(ids) for ids in hub(sample_texts)["input_ids"]] == \
+        [len(ids) for ids in offline(sample_texts)["input_ids"]]
