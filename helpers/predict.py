@@ -15,13 +15,13 @@ Both predictors are called as ``predictor(items) -> list[price | None]``; use th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import config, finetune
@@ -49,11 +49,11 @@ def number_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
     return ids
 
 
-def _batches(prompts: list[str], batch_size: int) -> Iterator[list[int]]:
-    """Indices of ``prompts`` in batches of similar length (less padding), longest first."""
+def _batches(prompts: list[str], batch_size: int, description: str) -> tqdm:
+    """Indices of ``prompts`` in batches of similar length (less padding), longest first, with a progress bar."""
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return tqdm(batches, desc=description, unit="batch", leave=False)
 
 
 def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device) -> dict:
@@ -91,7 +91,7 @@ class NumberTokenPredictor:
         device = self.model.device
         rows = torch.empty(len(prompts), LARGEST_PRICE)
         with torch.inference_mode():
-            for batch in _batches(prompts, self.batch_size):
+            for batch in _batches(prompts, self.batch_size, "Forward passes"):
                 inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], device)
                 logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
                 rows[batch] = torch.softmax(logits[:, self.number_ids.to(device)].float(), dim=-1).cpu()
@@ -127,7 +127,7 @@ class GeneratePredictor:
         """The text each prompt is continued with."""
         texts: list[str] = [""] * len(prompts)
         with torch.inference_mode():
-            for batch in _batches(prompts, self.batch_size):
+            for batch in _batches(prompts, self.batch_size, "Generating"):
                 inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], self.model.device)
                 output = self.model.generate(
                     **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
