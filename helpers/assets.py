@@ -95,7 +95,7 @@ def hub_token() -> str | None:
     return token
 
 
-def _from_hub(loader, model_id: str, **kwargs):
+def from_hub(loader, model_id: str, **kwargs):
     """Call a ``from_pretrained`` loader, turning access errors into a message naming the fix."""
     try:
         return loader(model_id, token=hub_token(), **kwargs)
@@ -115,7 +115,7 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
         return PreTrainedTokenizerFast.from_pretrained(smollm2_checkpoint())
     from transformers import AutoTokenizer
 
-    tokenizer = _from_hub(AutoTokenizer.from_pretrained, source)
+    tokenizer = from_hub(AutoTokenizer.from_pretrained, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = (config.LLAMA_PAD_TOKEN if config.LLAMA_PAD_TOKEN in tokenizer.get_vocab()
                                else tokenizer.eos_token)

@@ -7,6 +7,7 @@ Pick it with the ``PROFILE`` parameter of a notebook, or with the environment va
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,18 @@ SEED = 42
 
 QUESTION = "How much does this cost to the nearest dollar?"
 ANSWER_PREFIX = "Price is $"
+
+# --- evaluation (one harness for every model) -------------------------------------------
+GREEN_DOLLARS, GREEN_FRACTION = 40.0, 0.20  # a "hit": off by less than $40 or less than 20%
+ORANGE_DOLLARS, ORANGE_FRACTION = 80.0, 0.40  # close: off by less than $80 or less than 40%
+BOOTSTRAP_RESAMPLES = 1_000
+CONFIDENCE = 0.95
+PRICE_BUCKETS = (0, 10, 20, 50, 100, 200, math.inf)  # dollars, for the error-by-bucket chart
+
+# --- fine-tuning runs --------------------------------------------------------------------
+VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss
+MAX_VALIDATION_ITEMS = 200  # enough for a steady eval loss, cheap enough to compute often
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk (the newest ones)
 
 # --- models ------------------------------------------------------------------------------
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"

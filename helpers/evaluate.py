@@ -31,11 +31,6 @@ from helpers.items import Item
 from helpers.storage import write_file_atomically
 
 # --- how good is a guess -------------------------------------------------------------------
-GREEN_DOLLARS, GREEN_FRACTION = 40.0, 0.20  # green: off by less than $40 or less than 20%
-ORANGE_DOLLARS, ORANGE_FRACTION = 80.0, 0.40  # orange: off by less than $80 or less than 40%
-BOOTSTRAP_RESAMPLES = 1_000
-CONFIDENCE = 0.95
-PRICE_BUCKETS = (0, 10, 20, 50, 100, 200, math.inf)  # dollars, for the error-by-bucket chart
 FAILURES_IN_SUMMARY = 3
 METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate")
 
@@ -80,8 +75,8 @@ class Evaluation:
         """``"green"``, ``"orange"`` or ``"red"`` per item; a failed prediction is red."""
         errors, truths = self.errors, self.truths
         with np.errstate(invalid="ignore"):  # NaN compares False: failures fall through to red
-            green = (errors < GREEN_DOLLARS) | (errors < GREEN_FRACTION * truths)
-            orange = (errors < ORANGE_DOLLARS) | (errors < ORANGE_FRACTION * truths)
+            green = (errors < config.GREEN_DOLLARS) | (errors < config.GREEN_FRACTION * truths)
+            orange = (errors < config.ORANGE_DOLLARS) | (errors < config.ORANGE_FRACTION * truths)
         return np.where(green, "green", np.where(orange, "orange", "red")).tolist()
 
     @property
@@ -103,7 +98,8 @@ class Evaluation:
     def summary(self) -> str:
         """One line: the headline metrics, the failure count and the first few reasons."""
         m = self.metrics
-        line = (f"{self.name}: MAE ${m['mae']:.2f} ({CONFIDENCE:.0%} CI ${m['mae_ci_low']:.2f}-${m['mae_ci_high']:.2f}), "
+        line = (f"{self.name}: MAE ${m['mae']:.2f} "
+                f"({config.CONFIDENCE:.0%} CI ${m['mae_ci_low']:.2f}-${m['mae_ci_high']:.2f}), "
                 f"median AE ${m['median_ae']:.2f}, RMSLE {m['rmsle']:.3f}, hits {m['hit_rate']:.0%} "
                 f"on {m['n']} items, {m['n_failed']} failed")
         if self.failures:
@@ -114,11 +110,11 @@ class Evaluation:
 
 
 def bootstrap_mae_ci(errors: np.ndarray) -> tuple[float, float]:
-    """Percentile-bootstrap interval (:data:`CONFIDENCE`) of the mean of ``errors``, seeded with config.SEED."""
+    """Percentile-bootstrap interval (:data:`config.CONFIDENCE`) of the mean of ``errors``, seeded with config.SEED."""
     rng = np.random.default_rng(config.SEED)
-    resamples = rng.integers(0, len(errors), size=(BOOTSTRAP_RESAMPLES, len(errors)))
+    resamples = rng.integers(0, len(errors), size=(config.BOOTSTRAP_RESAMPLES, len(errors)))
     means = errors[resamples].mean(axis=1)
-    tail = (1 - CONFIDENCE) / 2 * 100
+    tail = (1 - config.CONFIDENCE) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
 
@@ -195,15 +191,15 @@ def plot_scatter(evaluation: Evaluation, path: Path | None = None) -> Figure:
 
 
 def bucket_labels() -> list[str]:
-    """``["$0-10", "$10-20", ..., "$200+"]`` for :data:`PRICE_BUCKETS`."""
-    edges = PRICE_BUCKETS
+    """``["$0-10", "$10-20", ..., "$200+"]`` for :data:`config.PRICE_BUCKETS`."""
+    edges = config.PRICE_BUCKETS
     return [f"${low}-{high}" if math.isfinite(high) else f"${low}+" for low, high in zip(edges, edges[1:])]
 
 
 def plot_error_by_bucket(evaluation: Evaluation, path: Path | None = None) -> Figure:
     """Mean absolute error per true-price bucket (successful predictions), with item counts."""
     ok = ~np.isnan(evaluation.predictions)
-    buckets = pd.cut(pd.Series(evaluation.truths[ok]), PRICE_BUCKETS, right=False, labels=bucket_labels())
+    buckets = pd.cut(pd.Series(evaluation.truths[ok]), config.PRICE_BUCKETS, right=False, labels=bucket_labels())
     stats = pd.Series(evaluation.errors[ok]).groupby(buckets, observed=False).agg(["mean", "count"])
     figure = Figure(figsize=(7, 4))
     axes = figure.subplots()
@@ -273,7 +269,7 @@ class Leaderboard:
         spread = [table["mae"] - table["mae_ci_low"], table["mae_ci_high"] - table["mae"]]
         axes.barh(table["name"], table["mae"], xerr=spread, color="steelblue", capsize=3)
         axes.invert_yaxis()
-        axes.set(xlabel=f"mean absolute error ($), with {CONFIDENCE:.0%} bootstrap interval",
+        axes.set(xlabel=f"mean absolute error ($), with {config.CONFIDENCE:.0%} bootstrap interval",
                  title=f"Leaderboard ({int(table['n'].max())} test books)")
         figure.tight_layout()
         return _save(figure, path)

@@ -37,9 +37,6 @@ from helpers.curate import load_curated
 from helpers.items import Item
 from helpers.storage import write_file_atomically, write_folder_atomically
 
-VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss
-MAX_VALIDATION_ITEMS = 200  # enough for a steady eval loss, cheap enough to compute often
-SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk (the newest ones)
 TRAINER_STATE = "trainer_state.json"
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
 
@@ -91,7 +88,7 @@ def load_base_model(profile: config.Profile, quantized: bool = True) -> tuple[Pr
     A gated hub model without an accepted license or token raises ``PermissionError`` naming the fix.
     """
     tokenizer = base_tokenizer(profile)
-    model = assets._from_hub(
+    model = assets.from_hub(
         AutoModelForCausalLM.from_pretrained, assets.model_path(profile.base_model),
         quantization_config=quantization_config() if quantized else None,
         device_map=device_map(), dtype=compute_dtype(),
@@ -139,7 +136,7 @@ def sft_config(profile: config.Profile, output_dir: Path) -> SFTConfig:
         eval_on_start=True,  # the eval loss before any training
         save_strategy="steps",
         save_steps=training.save_steps,
-        save_total_limit=SAVE_TOTAL_LIMIT,
+        save_total_limit=config.SAVE_TOTAL_LIMIT,
         logging_steps=training.logging_steps,
         include_num_input_tokens_seen="non_padding",
         report_to=training.report_to,
@@ -151,7 +148,7 @@ def sft_config(profile: config.Profile, output_dir: Path) -> SFTConfig:
 def split_validation(train_items: list[Item]) -> tuple[list[Item], list[Item]]:
     """(train, validation): a seeded slice of the curated train items, so the test set stays unseen."""
     shuffled = random.Random(config.SEED).sample(train_items, len(train_items))
-    size = min(MAX_VALIDATION_ITEMS, max(1, round(len(train_items) * VALIDATION_FRACTION)))
+    size = min(config.MAX_VALIDATION_ITEMS, max(1, round(len(train_items) * config.VALIDATION_FRACTION)))
     return shuffled[size:], shuffled[:size]
 
 
@@ -312,7 +309,7 @@ def model_shape(model: str | PretrainedConfig) -> PretrainedConfig:
         return model
     if model == config.LLAMA_HUB_ID:
         return LLAMA_3_1_8B_SHAPE
-    return assets._from_hub(AutoConfig.from_pretrained, assets.model_path(model))
+    return assets.from_hub(AutoConfig.from_pretrained, assets.model_path(model))
 
 
 def parameter_count(shape: PretrainedConfig) -> dict[str, int]:

@@ -46,7 +46,7 @@ def test_hub_errors_name_the_fix(message, error):
         raise OSError(message)
 
     with pytest.raises(error) as raised:
-        assets._from_hub(loader, config.LLAMA_HUB_ID)
+        assets.from_hub(loader, config.LLAMA_HUB_ID)
     assert ("huggingface-cli login" in str(raised.value)) == (error is PermissionError)
     assert "smoke profile" in str(raised.value)
 
