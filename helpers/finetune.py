@@ -141,6 +141,7 @@ def sft_config(profile: config.Profile, output_dir: Path) -> SFTConfig:
         include_num_input_tokens_seen="non_padding",
         report_to=training.report_to,
         push_to_hub=training.push_to_hub,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
         seed=config.SEED,
     )
 
