@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import assets, config
 from helpers.data import load_raw, parse_price
-from helpers.items import Item, describe
+from helpers.items import Item, describe, prices
 from helpers.storage import sha256_of, write_folder_atomically
 
 ITEM_COLUMNS = [f.name for f in fields(Item)]
@@ -172,26 +172,25 @@ def save(curation: Curation, folder: Path) -> Path:
     return write_folder_atomically(folder, write)
 
 
+def load_manifest(profile: config.Profile) -> dict:
+    """The manifest of the saved curation of ``profile``, with the fix if there is none."""
+    path = profile.curated_dir / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"No curated data in {profile.curated_dir}: run notebook 01 or "
+                                f"`python -m helpers.curate --profile {profile.name}` first.")
+    return json.loads(path.read_text())
+
+
 def load_curated(profile: config.Profile) -> tuple[list[Item], list[Item]]:
     """The saved (train, test) items of ``profile``, checked against their manifest."""
-    folder = profile.curated_dir
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(f"No curated data in {folder}: run notebook 01 or "
-                                f"`python -m helpers.curate --profile {profile.name}` first.")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = load_manifest(profile)
     splits = []
     for name in ("train", "test"):
-        path = folder / f"{name}.parquet"
+        path = profile.curated_dir / f"{name}.parquet"
         if sha256_of(path) != manifest["sha256"][path.name]:
             raise ValueError(f"{path} does not match its manifest: curate again.")
         splits.append([Item.from_row(row) for row in pd.read_parquet(path).to_dict("records")])
     return splits[0], splits[1]
-
-
-def load_manifest(profile: config.Profile) -> dict:
-    """The manifest of the saved curation of ``profile``."""
-    return json.loads((profile.curated_dir / "manifest.json").read_text())
 
 
 def plot_distributions(curation: Curation):
@@ -203,7 +202,7 @@ def plot_distributions(curation: Curation):
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     panels = [
         (axes[0, 0], priced["price"], "Price of every priced record", "price ($)"),
-        (axes[0, 1], [i.price for i in items], "Price of the curated items", "price ($)"),
+        (axes[0, 1], prices(items), "Price of the curated items", "price ($)"),
         (axes[1, 0], priced["content_tokens"], f"Tokens per record (first {config.MAX_CHARS:,} chars)", "tokens"),
         (axes[1, 1], [i.token_count for i in items], "Tokens per curated item", "tokens"),
     ]

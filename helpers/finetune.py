@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from helpers import assets, config
-from helpers.curate import load_curated
+from helpers.curate import load_curated, load_manifest
 from helpers.items import Item
 from helpers.storage import write_file_atomically, write_folder_atomically
 
@@ -231,12 +231,6 @@ class TrainingResult:
         return figure
 
 
-def data_fingerprint(profile: config.Profile) -> dict[str, str] | None:
-    """SHA-256 of the curated parquet files, from the curation manifest (None if there is none)."""
-    manifest = profile.curated_dir / "manifest.json"
-    return json.loads(manifest.read_text()).get("sha256") if manifest.exists() else None
-
-
 def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = True) -> TrainingResult:
     """Fine-tune the profile's base model on its curated train items; save adapter and run card.
 
@@ -266,7 +260,7 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
         "base_model": profile.base_model,
         "model": model_label(profile),
         "hyperparameters": asdict(profile.training),
-        "data_sha256": data_fingerprint(profile),
+        "data_sha256": load_manifest(profile)["sha256"],
         "train_items": len(train_items),
         "validation_items": len(validation_items),
         "global_step": trainer.state.global_step,
