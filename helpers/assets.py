@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from helpers import config
+from helpers.environment import in_colab
 from helpers.storage import write_folder_atomically
 
 LLAMA3_PATTERN = (
@@ -85,7 +85,7 @@ def llama3_tokenizer_offline() -> PreTrainedTokenizerFast:
 def hub_token() -> str | None:
     """``HF_TOKEN`` from the environment, else from Colab's Secrets; held in memory, never saved."""
     token = os.environ.get("HF_TOKEN")
-    if token is None and "google.colab" in sys.modules:
+    if token is None and in_colab():
         from google.colab import userdata
 
         try:

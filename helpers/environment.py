@@ -19,7 +19,7 @@ FIXES = {
                "the kernel.",
 }
 # Packages whose exact version matters less than having one: Colab ships its own torch.
-FLEXIBLE_ON_CUDA = {"torch"}
+FLEXIBLE_ON_CUDA = frozenset({"torch"})
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,11 @@ class PackageCheck:
     name: str
     wanted: str
     installed: str | None
+    any_version: bool = False  # installed at all is enough (Colab's own CUDA torch)
 
     @property
     def ok(self) -> bool:
-        return self.installed is not None and self.installed.split("+")[0] == self.wanted
+        return self.installed is not None and (self.any_version or self.installed.split("+")[0] == self.wanted)
 
     def line(self) -> str:
         status = "[OK]  " if self.ok else "[FAIL]"
@@ -45,15 +46,15 @@ def pinned_requirements() -> dict[str, str]:
     return {match.group(1): match.group(2) for match in map(_PIN.match, lines) if match}
 
 
-def check_packages() -> list[PackageCheck]:
-    """The installed version of every pinned package, next to the pin."""
+def check_packages(any_version: frozenset[str] = frozenset()) -> list[PackageCheck]:
+    """The installed version of every pinned package, next to the pin (``any_version``: presence only)."""
     checks = []
     for name, wanted in pinned_requirements().items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             installed = None
-        checks.append(PackageCheck(name, wanted, installed))
+        checks.append(PackageCheck(name, wanted, installed, name in any_version))
     return checks
 
 
@@ -97,10 +98,7 @@ def in_colab() -> bool:
 def report(profile: config.Profile) -> str:
     """A printable environment report: Python, pinned packages, device, profile."""
     device = detect_device()
-    packages = check_packages()
-    for i, check in enumerate(packages):  # a CUDA torch on Colab is fine whatever its version
-        if check.name in FLEXIBLE_ON_CUDA and device.kind == "cuda" and check.installed:
-            packages[i] = PackageCheck(check.name, check.installed.split("+")[0], check.installed)
+    packages = check_packages(FLEXIBLE_ON_CUDA if device.kind == "cuda" else frozenset())
     lines = [f"[{'OK' if sys.version_info >= (3, 10) else 'FAIL'}]   Python {sys.version.split()[0]}"]
     lines += [check.line() for check in packages]
     lines.append(device.line())

@@ -21,6 +21,8 @@ def test_report_names_profile_device_and_a_fix_for_failures():
     assert "profile: smoke" in text and "device:" in text
     broken = environment.PackageCheck("peft", "0.21.2", None).line()
     assert broken.startswith("[FAIL]") and "make setup" in broken
+    assert not environment.PackageCheck("torch", "2.13.0", "2.9.1+cu126").ok
+    assert environment.PackageCheck("torch", "2.13.0", "2.9.1+cu126", any_version=True).ok
 
 
 def test_unknown_profile_is_a_clear_error():
