@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import config, finetune
 from helpers.items import Item
@@ -165,7 +165,7 @@ def load_finetuned(profile: config.Profile, adapter: Path | None = None) -> tupl
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"No adapter in {adapter}: run notebook 04 or "
                                 f"`python -m helpers.train --profile {profile.name}` first.")
-    base, _ = finetune.load_base_model(profile)
+    base, tokenizer = finetune.load_base_model(profile)  # the tokenizer saved with the adapter is this one
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(adapter)
+    return model, tokenizer
