@@ -27,7 +27,7 @@ from sklearn.preprocessing import StandardScaler
 
 from helpers import config
 from helpers.features import MeanWordVectors, hand_features, item_texts
-from helpers.items import Item
+from helpers.items import Item, prices
 
 BOW_MAX_FEATURES = 1_000  # the 1,000 most frequent words (stop words out)
 RIDGE_ALPHA = 1.0
@@ -35,11 +35,6 @@ SVD_TEXT_MAX_FEATURES = 5_000  # TF-IDF vocabulary before the SVD squeeze
 SVD_COMPONENTS = 50  # "topics" the gradient-boosted trees see from the text
 
 Predictor = Callable[[list[Item]], np.ndarray]
-
-
-def prices(items: list[Item]) -> np.ndarray:
-    """The true prices of ``items``."""
-    return np.array([item.price for item in items], dtype=float)
 
 
 def clip_prices(predictions: object) -> np.ndarray:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from helpers import config
 from helpers.config import Profile
-from helpers.items import Item
+from helpers.items import Item, prices
 from helpers.storage import write_file_atomically
 
 # --- how good is a guess -------------------------------------------------------------------
@@ -155,8 +155,7 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
             failures.append((index, problem))
         else:
             predictions[index] = price
-    truths = np.array([item.price for item in items], dtype=float)
-    return Evaluation(name=name, truths=truths, predictions=predictions, failures=failures)
+    return Evaluation(name=name, truths=prices(items), predictions=predictions, failures=failures)
 
 
 # --- charts --------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+
 from helpers import config
 
 # --- scrubbing ---------------------------------------------------------------------------
@@ -167,6 +169,11 @@ class Item:
     @classmethod
     def from_row(cls, row: dict[str, object]) -> Item:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+def prices(items: list[Item]) -> np.ndarray:
+    """The true prices of ``items``, as floats."""
+    return np.array([item.price for item in items], dtype=float)
 
 
 def _number(value: object) -> float:
