@@ -85,7 +85,8 @@ THROUGHPUTS: dict[tuple[str, str], Throughput] = {
         "run card of `make smoke`, 2-core CPU, SmolLM2-135M, batch 4 (README, smoke results)"),
 }
 # Other GPU x model pairs are estimated from the published A100 figure, scaled by peak TFLOP/s
-# and by parameters (training FLOPs per token grow with the parameter count).
+# and by parameters (training FLOPs per token grow with the parameter count). Peak ratios flatter
+# the faster GPUs: read such an estimate as a lower bound on the time.
 ESTIMATE_ANCHOR = ("A100", LLAMA_HUB_ID)
 
 
