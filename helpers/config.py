@@ -74,7 +74,7 @@ class Throughput:
 GPU_PEAK_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A10G": 70, "A100": 312, "L40S": 362, "H100": 989,
                    "H200": 989}
 # Parameters (billions) of the base models, from their published configs, for the same scaling.
-MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21, "smollm2": 0.135}
+MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21}
 THROUGHPUTS: dict[tuple[str, str], Throughput] = {
     ("A100", LLAMA_HUB_ID): Throughput(
         17.67 * 182, "published",
@@ -88,6 +88,9 @@ THROUGHPUTS: dict[tuple[str, str], Throughput] = {
 # and by parameters (training FLOPs per token grow with the parameter count). Peak ratios flatter
 # the faster GPUs: read such an estimate as a lower bound on the time.
 ESTIMATE_ANCHOR = ("A100", LLAMA_HUB_ID)
+# Books in full's balanced train split before it is curated: the upper end of 95-124k, estimated from
+# the sample's price distribution. Plans use the real count once the data is curated.
+FULL_TRAIN_ITEMS_ESTIMATE = 124_000
 
 
 @dataclass(frozen=True)

@@ -279,12 +279,16 @@ def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
     return split_validation(load_curated(profile)[0])
 
 
+def mean_tokens(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> float:
+    """Mean tokens of a training example (begin, prompt, answer, end), over the first PLAN_SAMPLE items."""
+    sample = [item.prompt for item in items[:PLAN_SAMPLE]]
+    return statistics.fmean(len(ids) + 1 for ids in tokenizer(sample)["input_ids"])
+
+
 def training_plan(profile: config.Profile, device: Device | None = None) -> plan.TrainingPlan:
     """The plan of :func:`train` for ``profile`` on ``device`` (default: this machine's)."""
     train_items, _ = training_items(profile)
-    tokenizer = base_tokenizer(profile)
-    sample = [item.prompt for item in train_items[:PLAN_SAMPLE]]
-    tokens = statistics.fmean(len(ids) + 1 for ids in tokenizer(sample, add_special_tokens=True)["input_ids"])
+    tokens = mean_tokens(base_tokenizer(profile), train_items)
     return plan.plan(profile, len(train_items), tokens, device or detect_device())
 
 

@@ -230,3 +230,43 @@ def plan(profile: config.Profile, items: int, tokens_per_item: float, device: De
         memory=memory, speed=throughput(gpu_key(device), profile.base_model),
         budget_minutes=profile.budget_minutes,
     )
+
+
+# --- the profile x device table for the README ----------------------------------------------
+TABLE_DEVICES = {
+    "cpu": Device("cpu", "CPU", None, None),
+    "T4": Device("cuda", "Tesla T4", (7, 5), 14.6),
+    "L4": Device("cuda", "NVIDIA L4", (8, 9), 22.0),
+    "A100": Device("cuda", "NVIDIA A100-SXM4-40GB", (8, 0), 39.4),
+    "H100": Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.1),
+}
+
+
+def planned_items(profile: config.Profile) -> int:
+    """Training books of ``profile`` before its data is curated (full's estimate, lite's subset), validation out."""
+    curated = profile.train_subset or config.FULL_TRAIN_ITEMS_ESTIMATE
+    return curated - min(config.MAX_VALIDATION_ITEMS, round(curated * config.VALIDATION_FRACTION))
+
+
+def main() -> None:
+    """Print the expected training minutes of every profile on the devices it suits, as Markdown."""
+    from helpers import finetune  # finetune builds on this module
+
+    smoke = config.get_profile("smoke")
+    tokens = finetune.mean_tokens(assets.llama3_tokenizer_offline(), finetune.training_items(smoke)[0])
+    print("| profile | model | books | device | batch | steps | GPU memory (GiB, est.) | minutes | kind |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [finetune.training_plan(smoke, TABLE_DEVICES["cpu"])] + [plan(config.get_profile(name), planned_items(config.get_profile(name)), tokens, TABLE_DEVICES[key])
+                      for name in ("lite", "full") for key in ("T4", "L4", "A100", "H100")]
+    for row in rows:
+        memory = f"{row.memory.total:.1f}" if row.memory else "-"
+        budget = "" if row.fits_budget is not False else f" (over the {row.budget_minutes:.0f}-min budget)"
+        print(f"| {row.profile} | {row.model} | {row.items:,} | {row.device} | {row.training.batch_size} x "
+              f"{row.training.gradient_accumulation_steps} | {row.steps:,} | {memory} | {row.minutes:,.0f}{budget} "
+              f"| {row.speed.kind} |")
+    print(f"\nBooks: smoke from its curated sample; lite its subset; full {config.FULL_TRAIN_ITEMS_ESTIMATE:,} "
+          f"(estimated) less validation. Tokens per book: {tokens:.0f} (Llama 3.1, curated sample prompts).")
+
+
+if __name__ == "__main__":
+    main()

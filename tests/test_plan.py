@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 
 from helpers import assets, config, finetune, plan
 from helpers.curate import curate, load_curated
 from helpers.environment import Device
 
-# The device each profile is sized for; memory as torch reports it for these cards.
-DEVICES = {
-    "cpu": Device("cpu", "CPU", None, None),
-    "T4": Device("cuda", "Tesla T4", (7, 5), 14.6),
-    "A100": Device("cuda", "NVIDIA A100-SXM4-40GB", (8, 0), 39.4),
-}
-# The full profile's balanced train split, estimated from the sample's price distribution (issue 10: 95-124k).
-FULL_TRAIN_ITEMS = 124_000
+DEVICES = plan.TABLE_DEVICES  # memory as torch reports it for these cards
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +17,7 @@ def llama_tokens_per_item() -> float:
     profile = config.get_profile("smoke")
     if not (profile.curated_dir / "manifest.json").exists():
         curate(profile)
-    tokenizer = assets.llama3_tokenizer_offline()
-    return statistics.fmean(len(tokenizer(item.prompt)["input_ids"]) + 1 for item in load_curated(profile)[0])
+    return finetune.mean_tokens(assets.llama3_tokenizer_offline(), load_curated(profile)[0])
 
 
 @pytest.mark.parametrize("memory_gib, batch", [(14.6, 8), (39.4, 16), (79.1, 16)], ids=["16 GB", "40 GB", "80 GB"])
@@ -51,13 +41,6 @@ def test_optimizer_steps_count_as_the_trainer_counts():
     assert plan.optimizer_steps(10, config.get_profile("smoke").training) == 12  # max_steps wins
 
 
-def _items(profile: config.Profile) -> int:
-    if profile.name == "smoke":
-        return len(finetune.training_items(profile)[0])
-    curated = FULL_TRAIN_ITEMS if profile.train_subset is None else profile.train_subset
-    return curated - min(config.MAX_VALIDATION_ITEMS, round(curated * config.VALIDATION_FRACTION))
-
-
 @pytest.mark.parametrize("name", sorted(config.PROFILES))
 def test_each_profile_fits_its_budget_on_its_target_device(name, llama_tokens_per_item):
     profile = config.get_profile(name)
@@ -65,7 +48,7 @@ def test_each_profile_fits_its_budget_on_its_target_device(name, llama_tokens_pe
     if name == "smoke":
         the_plan = finetune.training_plan(profile, device)
     else:
-        the_plan = plan.plan(profile, _items(profile), llama_tokens_per_item, device)
+        the_plan = plan.plan(profile, plan.planned_items(profile), llama_tokens_per_item, device)
     assert the_plan.speed is not None and the_plan.minutes > 0
     assert the_plan.fits_budget, str(the_plan)
     assert "WARNING" not in str(the_plan) and f"{the_plan.steps:,} optimizer steps" in str(the_plan)
@@ -74,7 +57,8 @@ def test_each_profile_fits_its_budget_on_its_target_device(name, llama_tokens_pe
 
 
 def test_the_plan_warns_when_the_full_profile_meets_a_t4(llama_tokens_per_item):
-    the_plan = plan.plan(config.get_profile("full"), FULL_TRAIN_ITEMS, llama_tokens_per_item, DEVICES["T4"])
+    full = config.get_profile("full")
+    the_plan = plan.plan(full, plan.planned_items(full), llama_tokens_per_item, DEVICES["T4"])
     assert the_plan.fits_budget is False and "WARNING" in str(the_plan) and "estimated" in str(the_plan)
 
 
