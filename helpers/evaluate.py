@@ -159,7 +159,8 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
 
 
 # --- charts --------------------------------------------------------------------------------
-def _save(figure: Figure, path: Path | None) -> Figure:
+def save_figure(figure: Figure, path: Path | None) -> Figure:
+    """Write ``figure`` as a PNG to ``path`` (atomically; nothing when ``path`` is None); return it."""
     if path is not None:
         write_file_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     return figure
@@ -186,7 +187,7 @@ def plot_scatter(evaluation: Evaluation, path: Path | None = None) -> Figure:
              ylabel="predicted price ($)", title=_metrics_title(evaluation))
     axes.legend(loc="upper left")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def bucket_labels() -> list[str]:
@@ -207,7 +208,7 @@ def plot_error_by_bucket(evaluation: Evaluation, path: Path | None = None) -> Fi
     axes.set(xlabel="true price", ylabel="mean absolute error ($)", title=_metrics_title(evaluation))
     axes.margins(y=0.15)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def chart_stem(name: str) -> str:
@@ -271,7 +272,7 @@ class Leaderboard:
         axes.set(xlabel=f"mean absolute error ($), with {config.CONFIDENCE:.0%} bootstrap interval",
                  title=f"Leaderboard ({int(table['n'].max())} test books)")
         figure.tight_layout()
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def leaderboard(profile: Profile) -> Leaderboard:

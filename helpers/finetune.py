@@ -41,6 +41,7 @@ from trl import SFTConfig, SFTTrainer
 from helpers import assets, config, plan
 from helpers.curate import load_curated, load_manifest
 from helpers.environment import Device, detect_device
+from helpers.evaluate import save_figure
 from helpers.items import Item
 from helpers.storage import write_file_atomically, write_folder_atomically
 
@@ -259,8 +260,8 @@ class TrainingResult:
             "eval": [(log["step"], log["eval_loss"]) for log in self.log_history if "eval_loss" in log],
         }
 
-    def plot_losses(self) -> Figure:
-        """Train and eval loss (completion tokens only) against the optimizer step."""
+    def plot_losses(self, path: Path | None = None) -> Figure:
+        """Train and eval loss (completion tokens only) against the optimizer step (saved to ``path`` if given)."""
         figure = Figure(figsize=(7, 4))
         axes = figure.subplots()
         for name, points in self.losses().items():
@@ -271,7 +272,7 @@ class TrainingResult:
                  title=f"QLoRA fine-tuning of {self.run_card['model']} (profile {self.run_card['profile']})")
         axes.legend()
         figure.tight_layout()
-        return figure
+        return save_figure(figure, path)
 
 
 def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:

@@ -19,7 +19,6 @@ from transformers.trainer_callback import TrainerState
 
 from helpers import assets, config, finetune, plan
 from helpers.curate import curate, load_curated
-from helpers.environment import Device
 
 RESUME_MAX_STEPS, RESUME_SAVE_STEPS = 6, 2
 STARTUP_TIMEOUT_S = 300
@@ -38,9 +37,7 @@ def train_items(smoke):
     return load_curated(smoke)[0]
 
 
-T4 = Device("cuda", "Tesla T4", (7, 5), 14.6)
-A100 = Device("cuda", "NVIDIA A100-SXM4-40GB", (8, 0), 39.4)
-CPU = Device("cpu", "CPU", None, None)
+T4, A100, CPU = (plan.TABLE_DEVICES[key] for key in ("T4", "A100", "cpu"))
 
 
 @pytest.fixture(scope="module")
