@@ -1,5 +1,9 @@
 """The pins, the environment report and the offline assets."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from helpers import assets, config, environment
@@ -97,3 +101,53 @@ def test_offline_tokenizer_matches_the_hub_one_when_online(sample_texts):
     assert len(hub) == len(offline)
     assert [len(ids) for ids in hub(sample_texts)["input_ids"]] == \
         [len(ids) for ids in offline(sample_texts)["input_ids"]]
+
+
+@pytest.fixture
+def restored_home(monkeypatch):
+    """Undo set_home's module globals and environment after the test."""
+    for name in ("HOME", "DATA_DIR", "CACHE_DIR", "HF_CACHE"):
+        monkeypatch.setattr(config, name, getattr(config, name))
+    for name in (config.HOME_ENV, config.HF_HOME_ENV, config.CACHE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config, "_USER_HF_HOME", None)
+    return monkeypatch
+
+
+def test_the_state_folder_defaults_to_the_repository(restored_home):
+    assert config.set_home("") == config.REPO_ROOT
+    profile = config.get_profile("smoke")
+    assert profile.curated_dir == config.REPO_ROOT / "data" / "curated" / "smoke"
+    assert profile.runs_dir == config.REPO_ROOT / "runs" / "smoke"
+    assert config.CACHE_DIR == config.REPO_ROOT / ".cache" and config.HF_CACHE is None
+    assert config.HF_HOME_ENV not in os.environ  # the Hugging Face default cache is left alone
+
+
+def test_one_state_folder_holds_data_runs_results_and_caches(restored_home, tmp_path):
+    home = config.set_home(tmp_path / "drive")
+    profile = config.get_profile("smoke")
+    assert [profile.curated_dir, profile.runs_dir, profile.results_dir] == \
+        [home / "data" / "curated" / "smoke", home / "runs" / "smoke", home / "results" / "smoke"]
+    assert config.CACHE_DIR == home / ".cache" and config.HF_CACHE == home / ".cache" / "huggingface"
+    assert assets.hub_options()["cache_dir"] == home / ".cache" / "huggingface" / "hub"
+    assert os.environ[config.HOME_ENV] == str(home) and os.environ[config.HF_HOME_ENV] == str(config.HF_CACHE)
+    assert config.SAMPLE_PATH.is_relative_to(config.REPO_ROOT)  # the shipped sample stays in the repository
+    assert config.set_home() == home  # an empty parameter keeps what the environment says
+
+
+def test_the_users_own_cache_folders_win(restored_home, tmp_path):
+    restored_home.setenv(config.CACHE_ENV, str(tmp_path / "assets"))
+    restored_home.setenv(config.HF_HOME_ENV, str(tmp_path / "hf"))
+    restored_home.setattr(config, "_USER_HF_HOME", str(tmp_path / "hf"))  # as read when helpers was imported
+    config.set_home(tmp_path / "state")
+    assert config.CACHE_DIR == tmp_path / "assets" and config.HF_CACHE is None
+    assert os.environ[config.HF_HOME_ENV] == str(tmp_path / "hf") and assets.hub_options()["cache_dir"] is None
+
+
+def test_a_child_process_inherits_the_state_folder(restored_home, tmp_path):
+    config.set_home(tmp_path / "state")
+    code = "import os; from helpers import config; print(config.HOME, config.CACHE_DIR, os.environ['HF_HOME'])"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(config.REPO_ROOT)})
+    state = tmp_path / "state"
+    assert child.stdout.split() == [str(state), str(state / ".cache"), str(state / ".cache" / "huggingface")]
