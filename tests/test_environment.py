@@ -151,3 +151,76 @@ def test_a_child_process_inherits_the_state_folder(restored_home, tmp_path):
                            env={**os.environ, "PYTHONPATH": str(config.REPO_ROOT)})
     state = tmp_path / "state"
     assert child.stdout.split() == [str(state), str(state / ".cache"), str(state / ".cache" / "huggingface")]
+
+
+def test_a_restart_is_needed_only_for_loaded_packages_the_install_changed():
+    before = {"numpy": "2.0.2", "pandas": "2.2.2", "peft": "0.10.0", "scipy": "1.17.1"}
+    after = {"numpy": "2.4.6", "pandas": "3.1.1", "peft": "0.21.2", "scipy": "1.17.1", "trl": "1.16.0"}
+    assert environment.replaced_while_loaded(before, after, {"numpy", "scipy", "trl", "ipython"}) == ["numpy"]
+    assert environment.replaced_while_loaded(before, before, {"numpy", "pandas"}) == []
+
+
+def test_loaded_modules_map_to_their_distributions():
+    modules = {"numpy": None, "numpy.linalg": None, "sklearn": None, "no_such_module_here": None}
+    assert environment.loaded_distributions(modules) == {"numpy", "scikit-learn"}
+
+
+def test_the_colab_set_up_imports_no_pinned_package():
+    """It runs before the install: importing a pinned package there would force a restart every time."""
+    code = ("import sys, helpers.environment as e; "
+            "print(sorted(e.loaded_distributions() & {e._normalised(n) for n in e.pinned_requirements()}))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(config.REPO_ROOT)})
+    assert child.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def colab(monkeypatch):
+    """A pretend Colab: Drive mounts are recorded, `make colab` is not run, versions are scripted."""
+    import types
+
+    mounts, commands = [], []
+    colab_module = types.ModuleType("google.colab")
+    colab_module.drive = types.SimpleNamespace(mount=mounts.append)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab_module)
+    monkeypatch.setattr(environment, "loaded_distributions", lambda: {"numpy", "ipython"})
+    monkeypatch.setattr(environment.subprocess, "run", lambda command, **kwargs: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0, "", ""))
+    return types.SimpleNamespace(mounts=mounts, commands=commands, monkeypatch=monkeypatch)
+
+
+def _pins(colab, numpy: str | None, versions: list[dict[str, str]]) -> None:
+    """numpy==2.4.6 is pinned (``numpy`` installed), torch is Colab's own; ``versions``: before and after."""
+    colab.monkeypatch.setattr(environment, "check_packages", lambda any_version: [
+        environment.PackageCheck("numpy", "2.4.6", numpy),
+        environment.PackageCheck("torch", "2.13.0", "2.9.1+cu126", "torch" in any_version),
+    ])
+    colab.monkeypatch.setattr(environment, "installed_versions", lambda: versions.pop(0))
+
+
+def test_colab_set_up_mounts_drive_installs_and_asks_for_a_restart(colab):
+    _pins(colab, "2.0.2", [{"numpy": "2.0.2"}, {"numpy": "2.4.6"}])
+    with pytest.raises(environment.RestartRequired, match=r"numpy.*Runtime > Restart session.*run this notebook again"):
+        environment.colab_setup(config.DRIVE_HOME)
+    assert colab.mounts == ["/content/drive"] and colab.commands[0][:2] == ["make", "colab"]
+
+
+def test_colab_second_run_finds_everything_installed(colab):
+    _pins(colab, "2.4.6", [])  # Colab's own torch 2.9.1 counts as installed
+    environment.colab_setup("")
+    assert colab.commands == [] and colab.mounts == []
+
+
+def test_colab_install_that_replaced_nothing_loaded_goes_on(colab):
+    _pins(colab, None, [{"ipython": "9.0"}, {"ipython": "9.0", "numpy": "2.4.6"}])
+    environment.colab_setup("/content/state")
+    assert colab.commands and colab.mounts == []
+
+
+def test_colab_install_failure_shows_pips_error_and_the_fix(colab):
+    _pins(colab, None, [{}, {}])
+    colab.monkeypatch.setattr(environment.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
+        command, 2, "", "ERROR: Cannot install accelerate==1.15.0 because torch==2.9.1+cu126 is constrained"))
+    with pytest.raises(RuntimeError, match=r"(?s)make colab` failed.*Cannot install accelerate.*run this cell again"):
+        environment.colab_setup("")
