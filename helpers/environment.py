@@ -171,14 +171,15 @@ def report(profile: config.Profile) -> str:
     device = detect_device()
     packages = check_packages(OWN_BUILD_OK if device.kind == "cuda" or in_colab() else frozenset())
     python_ok = sys.version_info >= MIN_PYTHON
-    lines = [f"[{'OK' if python_ok else 'FAIL'}]   Python {sys.version.split()[0]}"
-             f"{'' if python_ok else '  -> the pins need Python {}.{}+ (pyproject.toml)'.format(*MIN_PYTHON)}"]
+    python = f"Python {sys.version.split()[0]}"
+    lines = [f"[OK]   {python}" if python_ok else
+             f"[FAIL] {python}  -> the pins need Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+: make a venv with one"]
     lines += [check.line() for check in packages]
     lines.append(device.line())
     source = profile.data_source if profile.data_source == "hub" else Path(profile.data_source).name
     lines.append(f"[OK]   profile: {profile.name} (data: {source}, model: {profile.base_model}"
                  f"{', Colab' if in_colab() else ''})")
     lines.append(f"[OK]   state folder: {config.HOME} (curated data, runs, results; asset cache {config.CACHE_DIR})")
-    failed = sum(not check.ok for check in packages)
+    failed = sum(not check.ok for check in packages) + (not python_ok)
     lines.append("All checks passed." if not failed else f"{failed} check(s) failed: see the fixes above.")
     return "\n".join(lines)

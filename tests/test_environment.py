@@ -29,6 +29,13 @@ def test_report_names_profile_device_and_a_fix_for_failures():
     assert environment.PackageCheck("torch", "2.13.0", "2.9.1+cu126", any_version=True).ok
 
 
+def test_a_python_older_than_the_pins_need_fails_the_report(monkeypatch):
+    monkeypatch.setattr(environment, "MIN_PYTHON", (99, 0))
+    lines = environment.report(config.get_profile("smoke")).splitlines()
+    assert lines[0].startswith("[FAIL] Python") and "need Python 99.0+" in lines[0]
+    assert "check(s) failed" in lines[-1]
+
+
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="smoke"):
         config.get_profile("huge")
