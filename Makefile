@@ -41,8 +41,11 @@ bench: setup
 clean:
 	rm -rf data/curated results runs .cache
 
-# On Colab: the pinned requirements into the running Python, keeping Colab's CUDA torch.
+# On Colab (each notebook's set-up cell runs this): the pinned requirements into the running Python.
+# Colab's CUDA torch stays: it is constrained to its installed version, so a pin that needs another
+# torch stops pip with an error instead of replacing it.
 colab:
 	grep -v '^torch==' requirements.txt > .colab-requirements.txt
-	$(PYTHON) -m pip install --quiet -r .colab-requirements.txt
+	$(PYTHON) -c "from importlib.metadata import version; print('torch==' + version('torch'))" > .colab-constraints.txt
+	$(PYTHON) -m pip install --quiet -r .colab-requirements.txt -c .colab-constraints.txt
 	$(PYTHON) -m pip install --quiet --no-deps -r $(SMOKE_REQUIREMENTS)

@@ -95,10 +95,15 @@ def hub_token() -> str | None:
     return token
 
 
+def hub_options() -> dict:
+    """Keywords for every hub download: the token, and the state folder's cache when one is chosen."""
+    return {"token": hub_token(), "cache_dir": config.HF_CACHE / "hub" if config.HF_CACHE else None}
+
+
 def from_hub(loader, model_id: str, **kwargs):
     """Call a ``from_pretrained`` loader, turning access errors into a message naming the fix."""
     try:
-        return loader(model_id, token=hub_token(), **kwargs)
+        return loader(model_id, **hub_options(), **kwargs)
     except OSError as error:  # GatedRepoError, 401/403, no network are all OSErrors here
         text = str(error).lower()
         if any(word in text for word in ("gated", "401", "403", "restricted", "token")):

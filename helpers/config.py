@@ -13,11 +13,46 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # --- where things live -------------------------------------------------------------------
+# The code and the shipped sample stay in the repository; everything the course writes (curated
+# data, runs with their checkpoints and adapters, results, caches) lives under one state folder,
+# HOME: the repository by default, or $BOOK_PRICER_HOME, or a notebook's HOME parameter (set_home),
+# e.g. DRIVE_HOME on Colab so that a recycled runtime finds it all again.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "data"
-SAMPLE_PATH = DATA_DIR / "sample" / "amazon_books_2023_excerpt.jsonl"
-CACHE_DIR = Path(os.environ.get("BOOK_PRICER_CACHE", REPO_ROOT / ".cache"))
+SAMPLE_PATH = REPO_ROOT / "data" / "sample" / "amazon_books_2023_excerpt.jsonl"
 PROFILE_ENV = "BOOK_PRICER_PROFILE"
+HOME_ENV = "BOOK_PRICER_HOME"
+CACHE_ENV = "BOOK_PRICER_CACHE"  # the asset cache alone elsewhere (CI shares one between checkouts)
+HF_HOME_ENV = "HF_HOME"  # the Hugging Face cache (models, data sets): a value the user set wins
+DRIVE_HOME = "/content/drive/MyDrive/book-pricer"
+_USER_HF_HOME = os.environ.get(HF_HOME_ENV)
+
+HOME: Path  # the state folder
+DATA_DIR: Path  # curated data (Profile.curated_dir)
+CACHE_DIR: Path  # the offline tokenizer and the rebuilt SmolLM2 checkpoint
+HF_CACHE: Path | None  # the Hugging Face cache chosen here; None: $HF_HOME or the libraries' default
+
+
+def set_home(path: str | os.PathLike | None = None) -> Path:
+    """Put the course's state under ``path`` ("" or None: ``$BOOK_PRICER_HOME``, else the repository).
+
+    A chosen folder also holds the Hugging Face cache (unless ``$HF_HOME`` is set) and is exported
+    to the environment, so that child processes and libraries imported later agree. Importing
+    ``helpers`` calls this first; a notebook's set-up cell calls it again with its ``HOME`` parameter.
+    """
+    global HOME, DATA_DIR, CACHE_DIR, HF_CACHE
+    chosen = path or os.environ.get(HOME_ENV)
+    HOME = Path(chosen).expanduser().resolve() if chosen else REPO_ROOT
+    DATA_DIR = HOME / "data"
+    CACHE_DIR = Path(os.environ.get(CACHE_ENV) or HOME / ".cache")
+    HF_CACHE = HOME / ".cache" / "huggingface" if chosen and not _USER_HF_HOME else None
+    if chosen:
+        os.environ[HOME_ENV] = str(HOME)
+    if HF_CACHE:
+        os.environ[HF_HOME_ENV] = str(HF_CACHE)
+    return HOME
+
+
+set_home()
 
 # --- the data set ------------------------------------------------------------------------
 HUB_DATASET = "cogsci13/Amazon-Reviews-2023-Books-Meta"
@@ -143,11 +178,11 @@ class Profile:
 
     @property
     def results_dir(self) -> Path:
-        return REPO_ROOT / "results" / self.name
+        return HOME / "results" / self.name
 
     @property
     def runs_dir(self) -> Path:
-        return REPO_ROOT / "runs" / self.name
+        return HOME / "runs" / self.name
 
 
 _FULL = Profile(

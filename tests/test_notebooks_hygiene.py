@@ -1,4 +1,5 @@
-"""Notebook hygiene: numbered in order, outputs stripped, python3 kernel, a tagged parameters cell."""
+"""Notebook hygiene: numbered in order, outputs stripped, python3 kernel, stable cell ids, and one layout:
+the title, the tagged parameters cell (papermill injects after it), then the same set-up cell everywhere."""
 
 import re
 
@@ -8,6 +9,7 @@ import pytest
 from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
+WORKSHOP = {"05"}  # notebooks that score an ADAPTER given as a hub id or a folder
 
 
 def test_notebooks_are_numbered_in_order_from_00():
@@ -16,13 +18,38 @@ def test_notebooks_are_numbered_in_order_from_00():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
-def test_notebook_is_clean_and_parameterised(path):
+def test_notebook_is_clean_with_stable_ids(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
+    assert (notebook.nbformat, notebook.nbformat_minor) == (4, 5)
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(not cell.outputs and cell.execution_count is None for cell in code), "outputs not stripped"
-    tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
-    assert len(tagged) == 1 and re.search(r"^PROFILE = ", tagged[0].source, re.M)
-    assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith(f"# {path.name[:2]}")
-    assert "google.colab" in notebook.cells[1].source, "the second cell sets up Colab"
+    ids = [cell.id for cell in notebook.cells]
+    assert len(set(ids)) == len(ids)
+    assert [cell.id for cell in notebook.cells[:3]] == [f"{path.name[:2]}-0{index}" for index in range(3)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_opens_with_title_parameters_and_set_up(path):
+    title, parameters, set_up = nbformat.read(path, as_version=4).cells[:3]
+    assert title.cell_type == "markdown" and title.source.startswith(f"# {path.name[:2]} ")
+    assert parameters.metadata.get("tags") == ["parameters"]
+    names = re.findall(r"^([A-Z_]+) = ", parameters.source, re.M)
+    assert names == ["PROFILE", "HOME"] + (["ADAPTER"] if path.name[:2] in WORKSHOP else [])
+    assert "google.colab" in set_up.source and "colab_setup(HOME)" in set_up.source
+    assert "config.set_home(HOME)" in set_up.source and "BOOK_PRICER_REPO" in set_up.source
+
+
+def test_only_the_first_parameters_cell_is_tagged_and_every_set_up_cell_is_the_same():
+    notebooks = [nbformat.read(path, as_version=4) for path in NOTEBOOKS]
+    assert all(sum("parameters" in cell.metadata.get("tags", []) for cell in notebook.cells) == 1
+               for notebook in notebooks)
+    assert len({notebook.cells[2].source for notebook in notebooks}) == 1, "the set-up cells differ"
+
+
+def test_the_workshop_notebooks_pass_the_adapter_on():
+    for number in WORKSHOP:
+        (path,) = (config.REPO_ROOT / "notebooks").glob(f"{number}_*.ipynb")
+        code = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells[3:])
+        assert "load_finetuned(profile, ADAPTER or None)" in code
