@@ -10,6 +10,7 @@ from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
 WORKSHOP = {"05"}  # notebooks that score an ADAPTER given as a hub id or a folder
+EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB"], "05": ["ADAPTER"]}  # 04 can share the adapter it trains
 
 
 def test_notebooks_are_numbered_in_order_from_00():
@@ -36,7 +37,7 @@ def test_notebook_opens_with_title_parameters_and_set_up(path):
     assert title.cell_type == "markdown" and title.source.startswith(f"# {path.name[:2]} ")
     assert parameters.metadata.get("tags") == ["parameters"]
     names = re.findall(r"^([A-Z_]+) = ", parameters.source, re.M)
-    assert names == ["PROFILE", "HOME"] + (["ADAPTER"] if path.name[:2] in WORKSHOP else [])
+    assert names == ["PROFILE", "HOME"] + EXTRA_PARAMETERS.get(path.name[:2], [])
     assert "google.colab" in set_up.source and "colab_setup(HOME)" in set_up.source
     assert "config.set_home(HOME)" in set_up.source and "BOOK_PRICER_REPO" in set_up.source
 
@@ -53,3 +54,10 @@ def test_the_workshop_notebooks_pass_the_adapter_on():
         (path,) = (config.REPO_ROOT / "notebooks").glob(f"{number}_*.ipynb")
         code = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells[3:])
         assert "load_finetuned(profile, ADAPTER or None)" in code
+
+
+def test_the_training_notebook_pushes_its_adapter_only_when_asked():
+    (path,) = (config.REPO_ROOT / "notebooks").glob("04_*.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    assert re.search(r'^PUSH_TO_HUB = ""', notebook.cells[1].source, re.M)
+    assert any(cell.source.startswith("if PUSH_TO_HUB:") and "push_adapter(" in cell.source for cell in notebook.cells)
