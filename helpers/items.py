@@ -27,6 +27,7 @@ _BOILERPLATE = re.compile(r"Bio from Wikipedia, the free encyclopedia\.?|Read mo
 _SPACES = re.compile(r"[ \t\u00a0\u200b]+")
 _NEWLINES = re.compile(r"\s*\n\s*")
 _REPEATED_PUNCTUATION = re.compile(r"([!?.,;:*=_~-])\1{2,}")
+_NOT_WORD = re.compile(r"[\W_]+")
 
 
 def scrub(text: str) -> str:
@@ -180,8 +181,19 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def book_key(title: str, author: str | None) -> str:
+    """One key per book, shared by its editions: normalised title and author (``""`` if no title)."""
+    title = _NOT_WORD.sub(" ", title.lower()).strip()
+    return f"{title}|{_NOT_WORD.sub(' ', (author or '').lower()).strip()}" if title else ""
+
+
 def describe(record: dict[str, object]) -> dict[str, object]:
-    """Everything but the token count for one raw record: scrubbed content and hand features.
+    """Everything but the token count for one raw record: scrubbed content and hand features."""
+    return describe_book(record)[0]
+
+
+def describe_book(record: dict[str, object]) -> tuple[dict[str, object], str]:
+    """:func:`describe` and the record's :func:`book_key` (both need the author: parsed once).
 
     The content puts the facts that drive a price (format, author, category, publisher,
     pages) first, so they survive the cut to MAX_TOKENS; the blurb comes last.
@@ -215,4 +227,4 @@ def describe(record: dict[str, object]) -> dict[str, object]:
         "rating_number": _number(record.get("rating_number")),
         "average_rating": _number(record.get("average_rating")),
         "description_chars": sum(len(text) for text in blurb),
-    }
+    }, book_key(title, author)
