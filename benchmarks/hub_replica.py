@@ -29,6 +29,7 @@ from helpers.items import book_format, parse_details
 
 HUB_ROWS = 4_448_181
 HUB_SHARDS = 28
+ROW_GROUP_ROWS = 1_000  # the parquet row group of the hub's conversion (datasets' default batch)
 EDITION_EVERY = 10  # copy numbers 1, 11, 21, ... are second editions of copy 0, 10, 20, ...
 EDITION_SUBTITLE = "Kindle Edition"
 NOTICE = ("Scale-test replica: the {sample} real sample records replicated to {rows:,} rows "
@@ -129,7 +130,7 @@ def write_replica(rows: int, out: Path, shards: int | None = None) -> Path:
     per_shard = math.ceil(rows / shards)
     for index in range(shards):
         pq.write_table(table.slice(index * per_shard, per_shard),
-                       out / "data" / f"full-{index:05d}-of-{shards:05d}.parquet")
+                       out / "data" / f"full-{index:05d}-of-{shards:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
     notice = NOTICE.format(sample=base.num_rows, rows=rows, every=EDITION_EVERY)
     (out / "README.md").write_text(README.format(notice=notice))
     return out

@@ -36,6 +36,7 @@ MAX_CHARS = 1_000  # characters tokenised first; a text is re-tokenised whole if
 SURE_TOKENS = 180  # fewer than this many tokens (so the first MAX_TOKENS are always exact)
 MIN_WORD_CHARS_WITH_DIGIT = 7  # "product code": a word this long that holds a digit
 SEED = 42
+CURATION_PARTS = 64  # a source is curated in at most this many resumable parts (runs of parquet row groups)
 LOGGED_BAD_LINES = 5  # malformed JSONL lines named (file:line) in the log and the manifest
 DATA_ENV = "BOOK_PRICER_DATA"  # the full profile's data: a hub id, or a local copy (folder or parquet files)
 

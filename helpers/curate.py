@@ -11,6 +11,7 @@ sample), which flattens those peaks without inventing items for the rare expensi
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from multiprocessing import get_context
@@ -27,8 +29,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from helpers import assets, config
 from helpers.data import MALFORMED, Source, open_source, parse_price, parse_price_column
@@ -49,6 +55,37 @@ PART_SCHEMA = pa.schema([
 ])  # a stage part: every record's funnel columns, and the item columns of kept records (null elsewhere)
 
 
+@functools.lru_cache(maxsize=4)
+def _encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]]:
+    """Texts -> token ids without special tokens: tiktoken where the tokenizer is Meta's Llama 3
+    BPE (identical ids, ~4x faster on one core), else the Rust tokenizer's batch call."""
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
+    llama3 = _llama3_tiktoken(backend)
+    if llama3 is not None:
+        return lambda texts: [llama3.encode_ordinary(text) for text in texts]
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _llama3_tiktoken(backend: Tokenizer) -> tiktoken.Encoding | None:
+    """Meta's ``tokenizer.model`` as a tiktoken encoding, if ``backend`` is exactly that BPE (same
+    pieces and ids, same split pattern, no normaliser); else None."""
+    spec = json.loads(backend.to_str())
+    splits = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
+    if (spec.get("normalizer") is not None or spec["model"].get("type") != "BPE"
+            or not spec["model"].get("ignore_merges")
+            or splits[0].get("pattern", {}).get("Regex") != assets.LLAMA3_PATTERN):
+        return None
+    try:
+        ranks = load_tiktoken_bpe(str(assets.package_file("llama_models", "llama3/tokenizer.model")))
+    except FileNotFoundError:
+        return None
+    chars, vocab = bytes_to_unicode(), spec["model"]["vocab"]
+    if len(vocab) != len(ranks) or any(vocab.get("".join(chars[b] for b in piece)) != rank
+                                        for piece, rank in ranks.items()):
+        return None
+    return tiktoken.Encoding("llama3", pat_str=assets.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
 def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
     """Count the tokens of each content in one batched call, and cut kept texts to MAX_TOKENS.
 
@@ -58,8 +95,7 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFa
     MAX_TOKENS and the cut texts are exactly those of the full texts.
     """
     contents = batch["content"]
-    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
-    encode = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    encode = _encoder(tokenizer)
     encoded = encode([content[: config.MAX_CHARS] for content in contents])
     unsure = [i for i, ids in enumerate(encoded)
               if len(ids) < config.SURE_TOKENS and len(contents[i]) > config.MAX_CHARS]
@@ -70,7 +106,7 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFa
                for reason, ids in zip(batch["skip_reason"], encoded)]
     kept = [i for i, reason in enumerate(reasons) if reason == KEPT]
     texts = [""] * len(cut)  # only kept items need their text (saves memory on 4.45M rows)
-    for i, text in zip(kept, backend.decode_batch([cut[i] for i in kept])):
+    for i, text in zip(kept, tokenizer.backend_tokenizer.decode_batch([cut[i] for i in kept])):
         texts[i] = text
     return {
         "content_tokens": [len(ids) for ids in encoded],
@@ -282,6 +318,7 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
     tokenizer = tokenizer or assets.load_tokenizer(profile.tokenizer_source)
     source = open_source(profile.data_source)
     parts = run_stage(profile, source, tokenizer)
+    shards_done = time.perf_counter()
     records = read_records(parts)
     kept = read_kept(parts)
     unique = kept.drop_duplicates("asin")
@@ -302,10 +339,11 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
                   "max_per_dollar": profile.max_per_dollar, "test_size": profile.test_size},
         "funnel": _funnel(records, len(unique), len(books), len(balanced), len(train), len(test)),
         "malformed_lines": malformed[: config.LOGGED_BAD_LINES],
-        "seconds": round(time.perf_counter() - started, 1),
     }
     to_items = lambda frame: [Item.from_row(row) for row in read_items(parts, frame).to_dict("records")]
     curation = Curation(to_items(train), to_items(test), records, manifest)
+    manifest["seconds"] = {"shards": round(shards_done - started, 1),
+                           "dedup, balance, split": round(time.perf_counter() - shards_done, 1)}
     save(curation, profile.curated_dir)
     return curation
 
@@ -373,7 +411,7 @@ def main() -> None:
     profile = config.get_profile(parser.parse_args().profile)
     curation = curate(profile)
     print(curation.funnel.to_string(index=False))
-    print(f"Saved to {profile.curated_dir} in {curation.manifest['seconds']} s")
+    print(f"Saved to {profile.curated_dir} ({curation.manifest['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ processes and resume shard by shard.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -80,7 +81,7 @@ class Source:
 
     location: str  # hub id, folder, parquet file/glob, or JSONL file
     kind: str  # "hub", "parquet" or "jsonl"
-    num_shards: int
+    num_shards: int  # contiguous runs of parquet row groups (at most CURATION_PARTS), or 1 for JSONL
     fingerprint: str  # changes whenever the data does (used to key resumable work)
     columns: tuple[str, ...] = field(default=config.RAW_COLUMNS)
 
@@ -93,7 +94,7 @@ class Source:
         if self.kind == "jsonl":
             yield from _read_jsonl(Path(self.location), self.columns, batch_size)
             return
-        stream = _stream(self).shard(self.num_shards, index).with_format("arrow")
+        stream = _stream(self).shard(self.num_shards, index, contiguous=True).with_format("arrow")
         for table in stream.iter(batch_size=batch_size):
             yield table.select(list(self.columns))
 
@@ -107,12 +108,16 @@ class Source:
         return records[:count]
 
 
+@functools.lru_cache(maxsize=4)
 def _stream(source: Source) -> IterableDataset:
-    """The streaming dataset of a hub id, folder or parquet files: one call for all three."""
+    """The streaming dataset of a hub id, folder or parquet files (one call for all three), in one
+    shard per parquet row group (cached: each process resolves the files once)."""
     columns = list(source.columns)
     if source.kind == "parquet" and not Path(source.location).is_dir():
-        return load_dataset("parquet", data_files=source.location, split="train", streaming=True, columns=columns)
-    return load_dataset(source.location, split=config.HUB_SPLIT, streaming=True, columns=columns)
+        stream = load_dataset("parquet", data_files=source.location, split="train", streaming=True, columns=columns)
+    else:
+        stream = load_dataset(source.location, split=config.HUB_SPLIT, streaming=True, columns=columns)
+    return stream.reshard()
 
 
 def open_source(location: str) -> Source:
@@ -144,7 +149,7 @@ def open_source(location: str) -> Source:
         raise RuntimeError(f"Could not read {location!r} ({type(error).__name__}: {error}). A hub id needs internet "
                            f"(or a local copy: set $BOOK_PRICER_DATA to its folder); a folder needs the hub's layout "
                            f"(data/full-*.parquet) and the columns {list(_REQUIRED)}.") from error
-    return Source(location, kind, stream.num_shards, fingerprint)
+    return Source(location, kind, min(stream.num_shards, config.CURATION_PARTS), fingerprint)
 
 
 def _open_jsonl(path: Path) -> Source:
