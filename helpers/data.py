@@ -110,14 +110,15 @@ class Source:
 
 @functools.lru_cache(maxsize=4)
 def _stream(source: Source) -> IterableDataset:
-    """The streaming dataset of a hub id, folder or parquet files (one call for all three), in one
-    shard per parquet row group (cached: each process resolves the files once)."""
-    columns = list(source.columns)
-    if source.kind == "parquet" and not Path(source.location).is_dir():
-        stream = load_dataset("parquet", data_files=source.location, split="train", streaming=True, columns=columns)
-    else:
-        stream = load_dataset(source.location, split=config.HUB_SPLIT, streaming=True, columns=columns)
-    return stream.reshard()
+    """The source's columns, one shard per parquet row group (cached: each process resolves the files once)."""
+    return _load(source.location, source.kind, list(source.columns)).reshard()
+
+
+def _load(location: str, kind: str, columns: list[str] | None) -> IterableDataset:
+    """The streaming dataset of a hub id, folder or parquet files: one ``load_dataset`` call for all three."""
+    if kind == "parquet" and not Path(location).is_dir():
+        return load_dataset("parquet", data_files=location, split="train", streaming=True, columns=columns)
+    return load_dataset(location, split=config.HUB_SPLIT, streaming=True, columns=columns)
 
 
 def open_source(location: str) -> Source:
@@ -132,7 +133,7 @@ def open_source(location: str) -> Source:
         files = sorted(p for p in (path.rglob("*") if path.is_dir() else map(Path, glob.glob(str(path))))
                        if p.is_file() and not any(part.startswith(".") for part in p.parts[-2:]))
         if not any(p.suffix == ".parquet" for p in files):
-            raise FileNotFoundError(f"No parquet files at {location}: point data_source (or $BOOK_PRICER_DATA) at a "
+            raise FileNotFoundError(f"No parquet files at {location}: point data_source (or ${config.DATA_ENV}) at a "
                                     f"folder in the hub's layout (data/full-*.parquet) or at parquet files.")
         stamp = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
         kind, fingerprint = "parquet", hashlib.sha256(stamp.encode()).hexdigest()[:16]
@@ -142,14 +143,19 @@ def open_source(location: str) -> Source:
                          f"{config.HUB_DATASET!r}, a local copy of it, or a JSONL file of raw records.")
     else:
         kind, fingerprint = "hub", location
-    probe = Source(location, kind, 1, fingerprint)
     try:
-        stream = _stream(probe)
-    except Exception as error:  # network, auth, a missing split or column: all end here with the same advice
+        features = _load(location, kind, None).features or {}
+    except Exception as error:  # network, auth, a missing split: all end here with the same advice
         raise RuntimeError(f"Could not read {location!r} ({type(error).__name__}: {error}). A hub id needs internet "
-                           f"(or a local copy: set $BOOK_PRICER_DATA to its folder); a folder needs the hub's layout "
-                           f"(data/full-*.parquet) and the columns {list(_REQUIRED)}.") from error
-    return Source(location, kind, min(stream.num_shards, config.CURATION_PARTS), fingerprint)
+                           f"(or a local copy: set ${config.DATA_ENV} to its folder); a folder needs the hub's layout "
+                           f"(data/full-*.parquet).") from error
+    missing = [column for column in _REQUIRED if column not in features]
+    if missing:
+        raise ValueError(f"{location} lacks the columns {missing}: is it Amazon Reviews 2023 item metadata? Point "
+                         f"data_source at the hub id {config.HUB_DATASET!r} or a copy of it.")
+    columns = tuple(column for column in config.RAW_COLUMNS if column in features)
+    source = Source(location, kind, 1, fingerprint, columns)
+    return Source(location, kind, min(_stream(source).num_shards, config.CURATION_PARTS), fingerprint, columns)
 
 
 def _open_jsonl(path: Path) -> Source:
