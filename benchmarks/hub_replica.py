@@ -100,20 +100,20 @@ def base_table() -> pa.Table:
     return pa.Table.from_pylist(records, schema=SCHEMA)
 
 
-def replicate(base: pa.Table, rows: int) -> pa.Table:
-    """``rows`` copies of ``base`` rows (column-wise), each with a fresh ASIN and its own book."""
-    position = np.arange(rows, dtype=np.int64)
+def replicate(base: pa.Table, start: int, stop: int) -> pa.Table:
+    """Rows ``start:stop`` of the replica (column-wise copies of ``base``), each with a fresh ASIN and its book."""
+    position = np.arange(start, stop, dtype=np.int64)
     copy = position // base.num_rows
-    edition = (copy % EDITION_EVERY == 1)
+    edition = copy % EDITION_EVERY == 1
     book = np.where(edition, copy - 1, copy)  # an edition shares its predecessor's title and author
     table = base.take(pa.array(position % base.num_rows))
-    suffixes = pa.array([f" (copy {n})" for n in range(int(copy.max()) + 1)]).take(pa.array(book))
+    first = int(book.min())
+    suffixes = pa.array([f" (copy {n})" for n in range(first, int(book.max()) + 1)]).take(pa.array(book - first))
     asins = pc.binary_join_element_wise("R", pc.utf8_lpad(pc.cast(pa.array(position), pa.string()), 9, "0"), "")
-    edition_mask = pa.array(edition)
     columns = {
         "title": pc.binary_join_element_wise(table["title"], suffixes, ""),
         "parent_asin": asins,
-        "subtitle": pc.if_else(edition_mask, pa.scalar(EDITION_SUBTITLE), table["subtitle"]),
+        "subtitle": pc.if_else(pa.array(edition), pa.scalar(EDITION_SUBTITLE), table["subtitle"]),
     }
     for name, column in columns.items():
         table = table.set_column(table.schema.get_field_index(name), name, column)
@@ -121,16 +121,15 @@ def replicate(base: pa.Table, rows: int) -> pa.Table:
 
 
 def write_replica(rows: int, out: Path, shards: int | None = None) -> Path:
-    """Write a ``rows``-row replica to ``out`` in the hub's layout; returns ``out``."""
+    """Write a ``rows``-row replica to ``out`` in the hub's layout, one shard at a time; returns ``out``."""
     out = Path(out)
     shards = shards or max(1, math.ceil(rows * HUB_SHARDS / HUB_ROWS))
     base = base_table()
-    table = replicate(base, rows)
     (out / "data").mkdir(parents=True, exist_ok=True)
     per_shard = math.ceil(rows / shards)
     for index in range(shards):
-        pq.write_table(table.slice(index * per_shard, per_shard),
-                       out / "data" / f"full-{index:05d}-of-{shards:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
+        table = replicate(base, index * per_shard, min(rows, (index + 1) * per_shard))
+        pq.write_table(table, out / "data" / f"full-{index:05d}-of-{shards:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
     notice = NOTICE.format(sample=base.num_rows, rows=rows, every=EDITION_EVERY)
     (out / "README.md").write_text(README.format(notice=notice))
     return out
