@@ -29,6 +29,18 @@ from hub_replica import write_replica
 SAMPLE_SECONDS = 0.5
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished children (the curation's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (every process, every core)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def folder_bytes(folder: Path) -> int:
     """Bytes of the files under ``folder`` (0 if missing; files vanishing meanwhile are skipped)."""
     total = 0
@@ -81,9 +93,11 @@ def main() -> None:
     cache_before = folder_bytes(hf_cache)
     peaks = Peaks([profile.curated_dir / ".stage", hf_cache])
     peaks.start()
+    machine_before, cpu_before = busy_seconds(), cpu_seconds()
     started = time.perf_counter()
     curation = curate(profile)
     wall = time.perf_counter() - started
+    cpu, machine = cpu_seconds() - cpu_before, busy_seconds() - machine_before
     peaks.done.set()
     peaks.join()
     raw = curation.manifest["funnel"][0]["items"]
@@ -95,6 +109,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM; "
           f"num_proc {profile.num_proc}, batch {profile.batch_size}")
     print(f"wall time                 : {wall:8.1f} s ({raw / wall:,.0f} records/s overall)")
+    print(f"CPU time of the curation  : {cpu:8.1f} s ({raw / cpu:,.0f} records per CPU second); other processes "
+          f"kept the machine busy {max(machine - cpu, 0) / wall:.2f} cores on average during the run")
     print(f"stage 1, curate shards    : {seconds['shards']:8.1f} s ({raw / seconds['shards']:,.0f} records/s)")
     kept = next(row["items"] for row in curation.manifest["funnel"] if row["stage"] == "drop: too few tokens")
     print(f"stage 2, dedup/balance/split: {seconds['dedup, balance, split']:6.1f} s "
