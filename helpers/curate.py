@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from helpers import assets, config
-from helpers.data import MALFORMED, Source, open_source, parse_price, parse_price_column
+from helpers.data import MALFORMED, Source, open_source, parse_price_column
 from helpers.items import Item, describe_book, prices
 from helpers.storage import sha256_of, write_file_atomically, write_folder_atomically
 
@@ -206,7 +206,7 @@ def run_stage(profile: config.Profile, source: Source, tokenizer: PreTrainedToke
     parts = [stage / f"part-{index:05d}-of-{source.num_shards:05d}.parquet" for index in range(source.num_shards)]
     todo = [index for index, part in enumerate(parts) if not part.exists()]
     bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="Curate shards", unit="shard")
-    if len(todo) > 0 and min(profile.num_proc, len(todo)) > 1:
+    if min(profile.num_proc, len(todo)) > 1:
         context = get_context("spawn")
         with ProcessPoolExecutor(min(profile.num_proc, len(todo)), mp_context=context, initializer=_start_worker,
                                  initargs=(tokenizer,)) as pool:
