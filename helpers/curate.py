@@ -371,7 +371,10 @@ def load_manifest(profile: config.Profile) -> dict:
 
 
 def load_curated(profile: config.Profile) -> tuple[list[Item], list[Item]]:
-    """The saved (train, test) items of ``profile``, checked against their manifest."""
+    """The saved (train, test) items of ``profile``, checked against their manifest.
+
+    A profile with ``train_subset`` (lite) gets a seeded subset of the train items, in their saved order.
+    """
     manifest = load_manifest(profile)
     splits = []
     for name in ("train", "test"):
@@ -379,7 +382,11 @@ def load_curated(profile: config.Profile) -> tuple[list[Item], list[Item]]:
         if sha256_of(path) != manifest["sha256"][path.name]:
             raise ValueError(f"{path} does not match its manifest: curate again.")
         splits.append([Item.from_row(row) for row in pd.read_parquet(path).to_dict("records")])
-    return splits[0], splits[1]
+    train, test = splits
+    if profile.train_subset is not None and profile.train_subset < len(train):
+        keep = set(random.Random(config.SEED).sample(range(len(train)), profile.train_subset))
+        train = [item for index, item in enumerate(train) if index in keep]
+    return train, test
 
 
 def plot_distributions(curation: Curation):

@@ -4,10 +4,13 @@ The recipe (every number lives in :class:`helpers.config.TrainingConfig`):
 
 * the base model's linear layers are stored in 4-bit NF4 with double quantisation and
   computed in bf16 (fp16 on older GPUs, float32 on CPU);
-* only small LoRA matrices on the attention projections are trained;
+* only small LoRA matrices on the attention projections are trained, kept in float32 (the
+  master weights of mixed precision: fp16's gradient scaler needs them, and bf16 would round
+  away Adam's small updates);
 * the loss is taken on the completion ("21.00" + end of sequence) only, never on the prompt;
 * a paged AdamW optimiser, a cosine schedule with a short warm-up;
-* checkpoints every ``save_steps``: :func:`train` picks up from the newest complete one.
+* checkpoints every ``save_steps``: :func:`train` picks up from the newest complete one, and a
+  finished run is not trained again.
 
 A run folder holds ``checkpoints/``, the final ``adapter/`` (adapter + tokenizer) and
 ``run_card.json`` (hyperparameters, data hash, losses, speed).
@@ -18,50 +21,52 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from datasets import Dataset
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig,
-                          PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from helpers import assets, config
+from helpers import assets, config, plan
 from helpers.curate import load_curated, load_manifest
+from helpers.environment import Device, detect_device
 from helpers.items import Item
 from helpers.storage import write_file_atomically, write_folder_atomically
 
 TRAINER_STATE = "trainer_state.json"
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
-
-# Llama-3.1-8B's published shape (its config.json), so that memory can be estimated offline.
-LLAMA_3_1_8B_SHAPE = LlamaConfig(
-    vocab_size=128_256, hidden_size=4_096, intermediate_size=14_336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-)
+# What a checkpoint holds besides the adapter and its tokenizer (left out when the adapter is taken from it).
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", TRAINER_STATE, "training_args.bin")
+PLAN_SAMPLE = 200  # training prompts tokenised to measure the mean example length for the plan
 
 
 # --- the model ---------------------------------------------------------------------------
-def compute_dtype() -> torch.dtype:
-    """bf16 on GPUs that have it (compute capability >= 8), fp16 on older GPUs, float32 on CPU."""
-    if not torch.cuda.is_available():
+def compute_dtype(device: Device | None = None) -> torch.dtype:
+    """bf16 on GPUs that have it (compute capability >= 8), fp16 on older GPUs (a T4), float32 on CPU."""
+    device = device or detect_device()
+    if device.kind != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.bfloat16 if device.bf16 else torch.float16
 
 
-def quantization_config() -> BitsAndBytesConfig:
+def quantization_config(device: Device | None = None) -> BitsAndBytesConfig:
     """4-bit NF4 weights with double quantisation (the QLoRA paper's settings)."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(),
+        bnb_4bit_compute_dtype=compute_dtype(device),
     )
 
 
@@ -73,8 +78,8 @@ def device_map() -> dict[str, int | str]:
 
 
 def model_label(profile: config.Profile) -> str:
-    """A short readable name of the base model: "SmolLM2-135M-Instruct", "Llama-3.1-8B"."""
-    return SMOLLM2_LABEL if profile.base_model == "smollm2" else profile.base_model.rsplit("/", 1)[-1]
+    """A short readable name of the base model: "SmolLM2-135M-Instruct", "Llama-3.1-8B" (or its folder's name)."""
+    return SMOLLM2_LABEL if profile.base_model == "smollm2" else Path(profile.base_model).name
 
 
 def base_tokenizer(profile: config.Profile) -> PreTrainedTokenizerBase:
@@ -111,10 +116,10 @@ def lora_config(training: config.TrainingConfig) -> LoraConfig:
     )
 
 
-def sft_config(profile: config.Profile, output_dir: Path) -> SFTConfig:
+def sft_config(profile: config.Profile, output_dir: Path, device: Device | None = None) -> SFTConfig:
     """Trainer settings from the profile's :class:`TrainingConfig`; precision follows the device."""
     training = profile.training
-    dtype = compute_dtype()
+    dtype = compute_dtype(device)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
@@ -165,18 +170,47 @@ def sft_dataset(items: list[Item]) -> Dataset:
     })
 
 
+def keep_adapter_in_float32(model: PreTrainedModel) -> None:
+    """Trainable (LoRA) weights back to float32, as PEFT creates them.
+
+    TRL 1.16 casts the trainable weights of a quantised model to bf16. Under fp16 mixed
+    precision (a T4) the gradient scaler then fails at the first optimizer step
+    (``_amp_foreach_non_finite_check_and_unscale_cuda`` has no BFloat16 kernel; huggingface/trl#4901),
+    and in bf16 AdamW's small updates are rounded away. Autocast still computes in 16 bits.
+    """
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
+def keep_4bit_weights_differentiable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference in a model that trains.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight the first time it
+    runs in eval mode without gradients (the trainer's eval pass) and from then on multiplies with
+    ``gemv_4bit``, which has no backward: every later gradient through the frozen layers is wrong.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def make_trainer(profile: config.Profile, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 train_items: list[Item], eval_items: list[Item], output_dir: Path) -> SFTTrainer:
-    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh LoRA adapter."""
+                 train_items: list[Item], eval_items: list[Item], output_dir: Path,
+                 device: Device | None = None) -> SFTTrainer:
+    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh float32 LoRA adapter, precision from ``device``."""
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, lora_config(profile.training))
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
-        args=sft_config(profile, output_dir),
+        args=sft_config(profile, output_dir, device),
         train_dataset=sft_dataset(train_items),
         eval_dataset=sft_dataset(eval_items),
         processing_class=tokenizer,
     )
+    keep_adapter_in_float32(trainer.model)
+    keep_4bit_weights_differentiable(trainer.model)
+    return trainer
 
 
 # --- runs --------------------------------------------------------------------------------
@@ -200,14 +234,23 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
 
 @dataclass
 class TrainingResult:
-    """What :func:`train` did: where the adapter is, whether it resumed, and the logged losses."""
+    """What :func:`train` did (``status``: "trained", "resumed" or "finished"), the adapter and the losses."""
 
     run_dir: Path
     adapter_dir: Path
+    status: str
     resumed_from: str | None
     global_step: int
     log_history: list[dict]
     run_card: dict
+
+    def message(self) -> str:
+        """One line for the learner: what this call did."""
+        if self.status == "finished":
+            return (f"This run had already finished ({self.global_step} steps): nothing trained; its adapter is "
+                    f"{self.adapter_dir}. Use another output folder or resume=False to train again.")
+        start = f"Resumed from {self.resumed_from}" if self.resumed_from else "Trained from scratch"
+        return f"{start}: {self.global_step} steps; adapter saved to {self.adapter_dir}"
 
     def losses(self) -> dict[str, list[tuple[int, float]]]:
         """``{"train": [(step, loss)...], "eval": [(step, eval_loss)...]}`` for the loss-curve plot."""
@@ -231,129 +274,137 @@ class TrainingResult:
         return figure
 
 
-def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = True) -> TrainingResult:
-    """Fine-tune the profile's base model on its curated train items; save adapter and run card.
+def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
+    """(train, validation) items of ``profile``'s curated data."""
+    return split_validation(load_curated(profile)[0])
 
-    With ``resume`` (the default) an interrupted run continues from its newest complete
-    checkpoint in ``run_dir/checkpoints``. The Trainer shows its own progress bar.
-    """
-    run_dir = Path(run_dir or default_run_dir(profile))
-    checkpoints_dir = run_dir / "checkpoints"
-    train_items, validation_items = split_validation(load_curated(profile)[0])
-    model, tokenizer = load_base_model(profile)
-    trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, checkpoints_dir)
-    resumed_from = last_complete_checkpoint(checkpoints_dir) if resume else None
-    tokens_before = (TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)).num_input_tokens_seen
-                     if resumed_from else 0)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
 
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resumed_from)
-    wall_seconds = time.perf_counter() - started
+def training_plan(profile: config.Profile, device: Device | None = None) -> plan.TrainingPlan:
+    """The plan of :func:`train` for ``profile`` on ``device`` (default: this machine's)."""
+    train_items, _ = training_items(profile)
+    tokenizer = base_tokenizer(profile)
+    sample = [item.prompt for item in train_items[:PLAN_SAMPLE]]
+    tokens = statistics.fmean(len(ids) + 1 for ids in tokenizer(sample, add_special_tokens=True)["input_ids"])
+    return plan.plan(profile, len(train_items), tokens, device or detect_device())
 
-    history = trainer.state.log_history
-    eval_losses = [log["eval_loss"] for log in history if "eval_loss" in log]
-    train_losses = [log["loss"] for log in history if "loss" in log]
-    card = {
+
+def _run_card(profile: config.Profile, the_plan: plan.TrainingPlan, state: TrainerState, validation_items: int,
+              resumed_from: str | None, **measured: object) -> dict:
+    eval_losses = [log["eval_loss"] for log in state.log_history if "eval_loss" in log]
+    train_losses = [log["loss"] for log in state.log_history if "loss" in log]
+    return {
         "profile": profile.name,
         "base_model": profile.base_model,
         "model": model_label(profile),
-        "hyperparameters": asdict(profile.training),
+        "device": the_plan.device,
+        "hyperparameters": asdict(the_plan.training),
         "data_sha256": load_manifest(profile)["sha256"],
-        "train_items": len(train_items),
-        "validation_items": len(validation_items),
-        "global_step": trainer.state.global_step,
+        "train_items": the_plan.items,
+        "validation_items": validation_items,
+        "global_step": state.global_step,
+        "planned_steps": the_plan.steps,
+        "planned_minutes": round(the_plan.minutes, 1) if the_plan.minutes is not None else None,
         "resumed_from": Path(resumed_from).name if resumed_from else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "eval_loss_before": eval_losses[0] if eval_losses else None,
         "eval_loss_after": eval_losses[-1] if eval_losses else None,
-        "wall_seconds": round(wall_seconds, 1),
-        "tokens_per_second": round((trainer.state.num_input_tokens_seen - tokens_before)
-                                   / output.metrics["train_runtime"], 1),
-        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                                if torch.cuda.is_available() else None),
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        **measured,
     }
+
+
+def _finished(profile: config.Profile, the_plan: plan.TrainingPlan, run_dir: Path, checkpoint: str,
+              state: TrainerState, validation_items: int) -> TrainingResult:
+    """The result of a run whose last checkpoint is its final step: nothing is trained again.
+
+    If the run stopped after that checkpoint but before saving its adapter, the adapter (and its
+    tokenizer) are taken from the checkpoint, and a run card is written without speed figures.
+    """
+    card_path = run_dir / "run_card.json"
+    if not (adapter_dir(run_dir) / "adapter_config.json").exists() or not card_path.exists():
+        write_folder_atomically(adapter_dir(run_dir), lambda folder: shutil.copytree(
+            checkpoint, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*TRAINER_FILES)))
+        card = _run_card(profile, the_plan, state, validation_items, checkpoint, wall_seconds=None,
+                         tokens_per_second=None, peak_gpu_memory_gib=None, trainable_parameters=None)
+        write_file_atomically(card_path, lambda path: path.write_text(json.dumps(card, indent=2)))
+    card = json.loads(card_path.read_text())
+    return TrainingResult(run_dir, adapter_dir(run_dir), "finished", None, state.global_step, state.log_history, card)
+
+
+def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = True,
+          device: Device | None = None) -> TrainingResult:
+    """Fine-tune the profile's base model on its curated train items; save adapter and run card.
+
+    On a GPU the per-device batch is fitted to its memory (the effective batch is kept, see
+    :func:`helpers.plan.fit_batch`). With ``resume`` (the default) an interrupted run continues
+    from its newest complete checkpoint in ``run_dir/checkpoints``, and a run that already
+    reached its last step is not trained again. The Trainer shows its own progress bar.
+    """
+    device = device or detect_device()
+    run_dir = Path(run_dir or default_run_dir(profile))
+    checkpoints_dir = run_dir / "checkpoints"
+    train_items, validation_items = training_items(profile)
+    the_plan = training_plan(profile, device)
+    profile = replace(profile, training=the_plan.training)
+    resumed_from = last_complete_checkpoint(checkpoints_dir) if resume else None
+    state = TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)) if resumed_from else None
+    if state is not None and state.global_step >= the_plan.steps:
+        return _finished(profile, the_plan, run_dir, resumed_from, state, len(validation_items))
+
+    model, tokenizer = load_base_model(profile)
+    trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, checkpoints_dir, device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resumed_from)
+    wall_seconds = time.perf_counter() - started
+
+    tokens_before = state.num_input_tokens_seen if state else 0
+    card = _run_card(
+        profile, the_plan, trainer.state, len(validation_items), resumed_from,
+        wall_seconds=round(wall_seconds, 1),
+        tokens_per_second=round((trainer.state.num_input_tokens_seen - tokens_before)
+                                / output.metrics["train_runtime"], 1),
+        peak_gpu_memory_gib=(round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                             if torch.cuda.is_available() else None),
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    )
     if trainer.is_world_process_zero():  # one writer when `accelerate launch` runs several processes
         write_folder_atomically(adapter_dir(run_dir), lambda folder: (
             trainer.model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
         write_file_atomically(run_dir / "run_card.json", lambda path: path.write_text(json.dumps(card, indent=2)))
-    return TrainingResult(run_dir, adapter_dir(run_dir), resumed_from, trainer.state.global_step, history, card)
+    return TrainingResult(run_dir, adapter_dir(run_dir), "resumed" if resumed_from else "trained", resumed_from,
+                          trainer.state.global_step, trainer.state.log_history, card)
 
 
-# --- memory ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """A rough GPU memory budget for QLoRA training, in GiB."""
+def push_adapter(adapter: Path, repo_id: str) -> str:
+    """Upload a trained adapter folder (with its tokenizer) to a hub model repo; returns its URL.
 
-    parameters: float  # the model's parameter count (not GiB)
-    weights: float
-    adapter_and_optimizer: float
-    activations: float
-    overhead: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.adapter_and_optimizer + self.activations + self.overhead
-
-
-def model_shape(model: str | PretrainedConfig) -> PretrainedConfig:
-    """A model's configuration without downloading weights (Llama-3.1-8B's is built in)."""
-    if isinstance(model, PretrainedConfig):
-        return model
-    if model == config.LLAMA_HUB_ID:
-        return LLAMA_3_1_8B_SHAPE
-    return assets.from_hub(AutoConfig.from_pretrained, assets.model_path(model))
-
-
-def parameter_count(shape: PretrainedConfig) -> dict[str, int]:
-    """Parameters of a Llama-style decoder: ``linear`` (quantised to 4-bit) and ``embeddings`` (kept 16-bit)."""
-    hidden, layers = shape.hidden_size, shape.num_hidden_layers
-    head_dim = getattr(shape, "head_dim", None) or hidden // shape.num_attention_heads
-    kv = shape.num_key_value_heads * head_dim
-    attention = 2 * hidden * hidden + 2 * hidden * kv  # q, o and k, v projections
-    mlp = 3 * hidden * shape.intermediate_size  # gate, up, down
-    embeddings = shape.vocab_size * hidden * (1 if shape.tie_word_embeddings else 2)
-    norms = (2 * layers + 1) * hidden
-    return {"linear": layers * (attention + mlp), "embeddings": embeddings + norms}
-
-
-def lora_parameter_count(shape: PretrainedConfig, training: config.TrainingConfig) -> int:
-    """LoRA adds ``r * (in + out)`` parameters to each targeted projection of each layer."""
-    hidden = shape.hidden_size
-    head_dim = getattr(shape, "head_dim", None) or hidden // shape.num_attention_heads
-    kv = shape.num_key_value_heads * head_dim
-    sizes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
-             "gate_proj": (hidden, shape.intermediate_size), "up_proj": (hidden, shape.intermediate_size),
-             "down_proj": (shape.intermediate_size, hidden)}
-    per_layer = sum(training.lora_r * sum(sizes[name]) for name in training.target_modules)
-    return shape.num_hidden_layers * per_layer
-
-
-def memory_estimate(model: str | PretrainedConfig, training: config.TrainingConfig,
-                    overhead_gib: float = 1.0) -> MemoryEstimate:
-    """Rough GPU memory to QLoRA-train ``model`` (a model id, ``"smollm2"`` or a config) with ``training``.
-
-    * weights: linear layers in NF4 at 4 bits plus ~0.127 bits of double-quantised scales
-      per parameter; embeddings and the output head stay 16-bit;
-    * adapter: LoRA weights, gradients and AdamW's two moments, all float32 (16 bytes each);
-    * activations with gradient checkpointing: one 16-bit hidden state per layer per token, one
-      layer's full activations (~34 hidden-sized values per token) recomputed at a time, and the
-      float32 logits over the whole vocabulary;
-    * overhead: CUDA context and allocator slack (``overhead_gib``).
-
-    Expect the truth within ~30%: kernels, fragmentation and sequence lengths vary.
+    Needs a write token (``HF_TOKEN`` or Colab's Secrets). The repo is created private if new.
     """
-    shape = model_shape(model)
-    counts = parameter_count(shape)
-    tokens = training.batch_size * training.max_length
-    weights = counts["linear"] * (4 + 0.127) / 8 + counts["embeddings"] * 2
-    adapter = lora_parameter_count(shape, training) * 16
-    activations = tokens * (shape.num_hidden_layers * shape.hidden_size * 2
-                            + 34 * shape.hidden_size * 2 + shape.vocab_size * 4)
-    gib = 2**30
-    return MemoryEstimate(parameters=sum(counts.values()), weights=weights / gib,
-                          adapter_and_optimizer=adapter / gib, activations=activations / gib,
-                          overhead=overhead_gib)
+    from huggingface_hub import HfApi
 
+    api = HfApi(token=assets.hub_token())
+    try:
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(adapter),
+                                     commit_message="QLoRA adapter from the Book Pricer course"))
+    except Exception as error:  # no token, no network, no write access: all end here with the fix
+        raise PermissionError(f"Could not push {adapter} to {repo_id!r} ({error}). Set HF_TOKEN to a token "
+                              "with write access (Colab: Secrets), and check the internet connection.") from error
+
+
+# --- a model with real shapes and random weights (memory and speed without the hub) --------
+def save_random_model(shape: PretrainedConfig, folder: Path, tokenizer: PreTrainedTokenizerBase,
+                      layers: int | None = None) -> Path:
+    """Save a randomly initialised Llama of ``shape`` (optionally only ``layers`` deep) with ``tokenizer``.
+
+    Random weights cost the same memory and time as trained ones, so such a folder, used as a
+    profile's ``base_model``, measures a real model's training without downloading it.
+    """
+    settings = shape.to_dict()
+    settings.update(num_hidden_layers=layers or shape.num_hidden_layers, pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(config.SEED)
+    model = AutoModelForCausalLM.from_config(type(shape)(**settings), dtype=torch.bfloat16)
+    write_folder_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return Path(folder)

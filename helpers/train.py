@@ -1,9 +1,12 @@
 """QLoRA fine-tuning from the command line: the script twin of notebook 04.
 
     python -m helpers.train --profile smoke [--max-steps N] [--save-steps N] [--output-dir D] [--no-resume]
+                            [--plan-only] [--push-to-hub USER/REPO]
 
-The profile defaults to ``$BOOK_PRICER_PROFILE``, else ``smoke``. A run that is stopped
-(Ctrl-C, a lost Colab session) picks up from its newest checkpoint when started again.
+The profile defaults to ``$BOOK_PRICER_PROFILE``, else ``smoke``. The plan (books, steps,
+checkpoints, memory, minutes on this device) is printed first. A run that is stopped (Ctrl-C,
+a lost Colab session) picks up from its newest checkpoint when started again; a finished run
+is not trained again.
 
 Several GPUs, data parallel (one model copy per GPU, each on its own device)::
 
@@ -31,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<profile>/qlora)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="after training, upload the adapter to this hub model repo (needs HF_TOKEN)")
     return parser.parse_args(argv)
 
 
@@ -40,13 +46,18 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {name: value for name, value in (("max_steps", args.max_steps), ("save_steps", args.save_steps))
                  if value is not None}
     profile = replace(profile, training=replace(profile.training, **overrides))
+    print(finetune.training_plan(profile), flush=True)
+    if args.plan_only:
+        return
     result = finetune.train(profile, run_dir=args.output_dir, resume=not args.no_resume)
     card = result.run_card
-    print(f"Resumed from {result.resumed_from}" if result.resumed_from else "Started afresh")
-    print(f"Trained {card['global_step']} steps in {card['wall_seconds']} s "
-          f"({card['tokens_per_second']} tokens/s); eval loss {card['eval_loss_before']:.3f} -> "
-          f"{card['eval_loss_after']:.3f}")
-    print(f"Adapter: {result.adapter_dir}")
+    print(result.message())
+    if result.status != "finished":
+        print(f"Trained {card['global_step']} steps in {card['wall_seconds']} s "
+              f"({card['tokens_per_second']} tokens/s); eval loss {card['eval_loss_before']:.3f} -> "
+              f"{card['eval_loss_after']:.3f}")
+    if args.push_to_hub:
+        print(f"Pushed the adapter: {finetune.push_adapter(result.adapter_dir, args.push_to_hub)}")
     print(json.dumps(card, indent=2))
 
 
