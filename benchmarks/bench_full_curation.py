@@ -115,8 +115,10 @@ def main() -> None:
     kept = next(row["items"] for row in curation.manifest["funnel"] if row["stage"] == "drop: too few tokens")
     print(f"stage 2, dedup/balance/split: {seconds['dedup, balance, split']:6.1f} s "
           f"({kept / max(seconds['dedup, balance, split'], 1e-9):,.0f} kept items/s)")
-    print(f"peak resident memory      : {peaks.rss / 1e9:8.2f} GB (process tree, sampled every {SAMPLE_SECONDS} s; "
-          f"largest single process {max(self_kib, child_kib) / 1e6:.2f} GB)")
+    largest = max(self_kib, child_kib) * 1024  # ru_maxrss is in KiB on Linux
+    print(f"peak resident memory      : {max(peaks.rss, largest) / 1e9:8.2f} GB (the larger of: the process tree "
+          f"sampled every {SAMPLE_SECONDS} s, {peaks.rss / 1e9:.2f} GB; the largest single process, "
+          f"{largest / 1e9:.2f} GB)")
     print(f"peak temporary disk       : {peaks.disk / 1e9:8.2f} GB (stage parts + datasets cache; datasets cache "
           f"grew {(folder_bytes(hf_cache) - cache_before) / 1e9:.2f} GB)")
     print(f"download (replica parquet): {download / 1e9:8.2f} GB")
