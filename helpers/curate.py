@@ -58,7 +58,7 @@ PART_SCHEMA = pa.schema([
 @functools.lru_cache(maxsize=4)
 def _encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]]:
     """Texts -> token ids without special tokens: tiktoken where the tokenizer is Meta's Llama 3
-    BPE (identical ids, ~4x faster on one core), else the Rust tokenizer's batch call."""
+    BPE (identical ids, faster on one core), else the Rust tokenizer's batch call."""
     backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
     llama3 = _llama3_tiktoken(backend)
     if llama3 is not None:
