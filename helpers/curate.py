@@ -154,15 +154,15 @@ def curate_shard(source: Source, index: int, part: Path, batch_size: int,
     """Curate shard ``index`` of ``source`` into the parquet file ``part``, atomically.
 
     The file appears whole under its final name or not at all, so a crash never leaves a part
-    that a re-run would take as finished. Malformed lines go into the file's metadata.
+    that a re-run would take as finished. The numbers of malformed lines go into its metadata.
     """
     def write(tmp: Path) -> None:
-        malformed: list[str] = []
+        malformed: list[int] = []
         with pq.ParquetWriter(tmp, PART_SCHEMA, compression="zstd") as writer:
             batches = source.read_shard(index, batch_size)
             for table in tqdm(batches, desc=f"Shard {index}", unit="batch", leave=False, disable=not progress):
                 if MALFORMED in table.column_names:
-                    malformed += [where for where in table[MALFORMED].to_pylist() if where]
+                    malformed += [line for line in table[MALFORMED].to_pylist() if line]
                 writer.write_table(curate_batch(table, tokenizer))
             writer.add_key_value_metadata({MALFORMED: json.dumps(malformed)})
 
@@ -325,9 +325,10 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
     books = dedup_editions(unique)
     balanced = balance(books, profile.max_per_dollar)
     train, test = split(balanced, profile.test_size)
-    malformed = [where for part in parts for where in json.loads(pq.read_metadata(part).metadata[MALFORMED.encode()])]
-    for where in malformed[: config.LOGGED_BAD_LINES]:
-        log.warning("malformed line skipped: %s", where)
+    malformed = [line for part in parts for line in json.loads(pq.read_metadata(part).metadata[MALFORMED.encode()])]
+    for line in malformed[: config.LOGGED_BAD_LINES]:
+        log.warning("%s:%d: malformed line skipped (not a JSON object; a cut download leaves one)", source.location,
+                    line)
     manifest = {
         "profile": profile.name,
         "source": source.location if source.kind == "hub" else Path(source.location).name,
@@ -338,7 +339,7 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
                   "min_tokens_exclusive": config.MIN_TOKENS, "max_tokens": config.MAX_TOKENS,
                   "max_per_dollar": profile.max_per_dollar, "test_size": profile.test_size},
         "funnel": _funnel(records, len(unique), len(books), len(balanced), len(train), len(test)),
-        "malformed_lines": malformed[: config.LOGGED_BAD_LINES],
+        "malformed_lines": [f"{Path(source.location).name}:{line}" for line in malformed[: config.LOGGED_BAD_LINES]],
     }
     to_items = lambda frame: [Item.from_row(row) for row in read_items(parts, frame).to_dict("records")]
     curation = Curation(to_items(train), to_items(test), records, manifest)

@@ -14,7 +14,6 @@ import functools
 import glob
 import hashlib
 import json
-import logging
 import math
 import re
 from collections.abc import Iterator
@@ -28,9 +27,8 @@ from datasets import IterableDataset, load_dataset
 
 from helpers import config
 
-log = logging.getLogger(__name__)
 _PRICE_JUNK = re.compile(r"[$,\s]|USD|US")
-MALFORMED = "malformed line"  # the skip reason of a JSONL line that is not a JSON object
+MALFORMED = "malformed line"  # the skip reason (and column of line numbers) of a JSONL line that is not a JSON object
 _REQUIRED = ("title", "price")
 
 
@@ -88,8 +86,8 @@ class Source:
     def read_shard(self, index: int, batch_size: int) -> Iterator[pa.Table]:
         """Shard ``index`` as Arrow tables of at most ``batch_size`` rows (raw columns only).
 
-        A JSONL shard also yields rows for malformed lines: all columns null and the file and
-        line in ``malformed``, so they are counted like any other dropped record.
+        A JSONL shard also yields rows for malformed lines: all columns null and the line
+        number in ``MALFORMED``, so they are counted like any other dropped record.
         """
         if self.kind == "jsonl":
             yield from _read_jsonl(Path(self.location), self.columns, batch_size)
@@ -191,28 +189,27 @@ def _price_text(value: object) -> str | None:
 
 
 def _read_jsonl(path: Path, columns: tuple[str, ...], batch_size: int) -> Iterator[pa.Table]:
-    """Batches of a JSONL file; a malformed line becomes an all-null row flagged in ``malformed``."""
+    """Batches of a JSONL file; a malformed line becomes an all-null row holding its line number in ``malformed``."""
     rows: list[dict] = []
-    bad = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             record = _json_object(line)
-            if record is None:
-                bad += 1
-                if bad <= config.LOGGED_BAD_LINES:
-                    log.warning("%s:%d: malformed line skipped (%s)", path, number, line.strip()[:60])
-                rows.append({MALFORMED: f"{path.name}:{number}"})
-                continue
-            rows.append({**{c: record.get(c) for c in columns}, "price": _price_text(record.get("price"))})
+            rows.append({MALFORMED: number} if record is None else
+                        {**{c: record.get(c) for c in columns}, "price": _price_text(record.get("price")), "line": number})
             if len(rows) == batch_size:
-                yield _jsonl_table(rows, columns)
+                yield _jsonl_table(path, rows, columns)
                 rows = []
     if rows:
-        yield _jsonl_table(rows, columns)
+        yield _jsonl_table(path, rows, columns)
 
 
-def _jsonl_table(rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
-    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
-    return table.append_column(MALFORMED, pa.array([row.get(MALFORMED) for row in rows], pa.string()))
+def _jsonl_table(path: Path, rows: list[dict], columns: tuple[str, ...]) -> pa.Table:
+    try:
+        table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        lines = [row.get("line") or row[MALFORMED] for row in (rows[0], rows[-1])]
+        raise ValueError(f"{path}, lines {lines[0]}-{lines[1]}: a column changes type ({error}). Fix or drop the odd "
+                         f"records, or point data_source at the hub id {config.HUB_DATASET!r}.") from error
+    return table.append_column(MALFORMED, pa.array([row.get(MALFORMED) for row in rows], pa.int64()))

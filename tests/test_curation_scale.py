@@ -159,6 +159,13 @@ def test_an_empty_or_schemaless_jsonl_names_the_file_and_the_fix(tmp_path, conte
     assert str(path) in str(error.value) and ("download it again" in str(error.value) or "data_source" in str(error.value))
 
 
+def test_a_column_that_changes_type_names_the_file_and_lines(tmp_path):
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [json.dumps({"title": "A", "price": "5", "rating_number": 3}),
+                                                   json.dumps({"title": "B", "price": "6", "rating_number": "many"})])
+    with pytest.raises(ValueError, match=rf"{path}, lines 1-2: a column changes type"):
+        list(open_source(str(path)).read_shard(0, batch_size=10))
+
+
 def test_a_folder_without_usable_parquet_names_the_folder_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="No parquet files at .*BOOK_PRICER_DATA"):
         open_source(str(tmp_path))
