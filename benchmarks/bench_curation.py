@@ -2,9 +2,10 @@
 
 Both count the Llama 3.1 tokens of the same scrubbed contents and cut kept texts to 160
 tokens. The naive loop tokenises each full text with its own call; the pipeline's
-``count_and_cut_batch`` tokenises capped texts in one call per batch (the Rust tokenizer
-then spreads the batch over the cores). The 179 real sample records are repeated to make a
-workload of a useful size. Run: ``python benchmarks/bench_curation.py [--copies N]``.
+``count_and_cut_batch`` tokenises capped texts only, with tiktoken for Meta's Llama 3 BPE
+(identical ids) and decodes the kept cuts in one Rust call per batch. One process: the
+full curation runs one such process per core. The 179 real sample records are repeated to
+make a workload of a useful size. Run: ``python benchmarks/bench_curation.py [--copies N]``.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ MAX_CHARS = 1_000  # characters tokenised first; a text is re-tokenised whole if
 SURE_TOKENS = 180  # fewer than this many tokens (so the first MAX_TOKENS are always exact)
 MIN_WORD_CHARS_WITH_DIGIT = 7  # "product code": a word this long that holds a digit
 SEED = 42
+CURATION_PARTS = 64  # a source is curated in at most this many resumable parts (runs of parquet row groups)
+LOGGED_BAD_LINES = 5  # malformed JSONL lines named (file:line) in the log and the manifest
+DATA_ENV = "BOOK_PRICER_DATA"  # the full profile's data: a hub id, or a local copy (folder or parquet files)
 
 QUESTION = "How much does this cost to the nearest dollar?"
 ANSWER_PREFIX = "Price is $"
@@ -157,7 +160,7 @@ class Profile:
     """Sources and sizes for one run of the whole course."""
 
     name: str
-    data_source: str  # "hub" or a path to a JSONL file of raw records
+    data_source: str  # a hub id, a local copy of it (folder or parquet files), or a JSONL file of raw records
     tokenizer_source: str  # "llama-models" (offline) or a hub model id
     base_model: str  # a hub id, or "smollm2" for the offline GGUF checkpoint
     max_per_dollar: int  # balancing: items kept for each whole-dollar price
@@ -187,13 +190,13 @@ class Profile:
 
 _FULL = Profile(
         name="full",
-        data_source="hub",
-        tokenizer_source=LLAMA_HUB_ID,
+        data_source=os.environ.get(DATA_ENV, HUB_DATASET),
+        tokenizer_source="llama-models",
         base_model=LLAMA_HUB_ID,
         max_per_dollar=1_000,
         test_size=2_000,
         eval_size=250,
-        num_proc=max(1, (os.cpu_count() or 2) - 1),
+        num_proc=os.cpu_count() or 1,
         batch_size=1_000,
         predict_batch_size=16,
         target_device="A100",

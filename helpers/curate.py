@@ -11,38 +11,79 @@ sample), which flattens those peaks without inventing items for the rare expensi
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
+import logging
+import os
 import random
+import shutil
 import time
-from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, fields
+from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from helpers import assets, config
-from helpers.data import load_raw, parse_price
-from helpers.items import Item, describe, prices
-from helpers.storage import sha256_of, write_folder_atomically
+from helpers.data import MALFORMED, Source, open_source, parse_price_column
+from helpers.items import Item, describe_book, prices
+from helpers.storage import sha256_of, write_file_atomically, write_folder_atomically
 
+log = logging.getLogger(__name__)
 ITEM_COLUMNS = [f.name for f in fields(Item)]
 KEPT = ""  # the skip reason of a record that survives
-UNPRICED = describe({})  # the (empty) description of a record dropped for its price
+RECORD_COLUMNS = ["price", "content_tokens", "skip_reason"]  # one row per raw record, for the funnel and plots
+BOOK = "book"  # the edition-dedup key of a kept item (see items.book_key)
+PART_SCHEMA = pa.schema([
+    ("price", pa.float64()), ("content_tokens", pa.int32()), ("skip_reason", pa.dictionary(pa.int8(), pa.string())),
+    ("asin", pa.string()), ("title", pa.string()), ("text", pa.string()), ("token_count", pa.int16()),
+    ("category", pa.string()), ("format", pa.string()), ("pages", pa.float64()), ("weight_oz", pa.float64()),
+    ("year", pa.float64()), ("rating_number", pa.float64()), ("average_rating", pa.float64()),
+    ("description_chars", pa.int64()), (BOOK, pa.string()),
+])  # a stage part: every record's funnel columns, and the item columns of kept records (null elsewhere)
 
 
-def describe_batch(batch: dict[str, list]) -> dict[str, list]:
-    """Parse the price and build the scrubbed content of each priced raw record in a batch."""
-    records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out: dict[str, list] = {"price": [], "skip_reason": []}
-    for record in records:
-        price, reason = parse_price(record.get("price"))
-        out["price"].append(price if price is not None else float("nan"))
-        out["skip_reason"].append(reason or KEPT)
-        described = UNPRICED if reason else describe(record)  # no text work for a dropped record
-        for key, value in described.items():
-            out.setdefault(key, []).append(value)
-    return out
+@functools.lru_cache(maxsize=4)
+def _encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]]:
+    """Texts -> token ids without special tokens: tiktoken where the tokenizer is Meta's Llama 3
+    BPE (identical ids, faster on one core), else the Rust tokenizer's batch call."""
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
+    llama3 = _llama3_tiktoken(backend)
+    if llama3 is not None:
+        return lambda texts: [llama3.encode_ordinary(text) for text in texts]
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _llama3_tiktoken(backend: Tokenizer) -> tiktoken.Encoding | None:
+    """Meta's ``tokenizer.model`` as a tiktoken encoding, if ``backend`` is exactly that BPE (same
+    pieces and ids, same split pattern, no normaliser); else None."""
+    spec = json.loads(backend.to_str())
+    splits = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
+    if (spec.get("normalizer") is not None or spec["model"].get("type") != "BPE"
+            or not spec["model"].get("ignore_merges")
+            or splits[0].get("pattern", {}).get("Regex") != assets.LLAMA3_PATTERN):
+        return None
+    try:
+        ranks = load_tiktoken_bpe(str(assets.package_file("llama_models", "llama3/tokenizer.model")))
+    except FileNotFoundError:
+        return None
+    chars, vocab = bytes_to_unicode(), spec["model"]["vocab"]
+    if len(vocab) != len(ranks) or any(vocab.get("".join(chars[b] for b in piece)) != rank
+                                        for piece, rank in ranks.items()):
+        return None
+    return tiktoken.Encoding("llama3", pat_str=assets.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
@@ -54,8 +95,7 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFa
     MAX_TOKENS and the cut texts are exactly those of the full texts.
     """
     contents = batch["content"]
-    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
-    encode = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    encode = _encoder(tokenizer)
     encoded = encode([content[: config.MAX_CHARS] for content in contents])
     unsure = [i for i, ids in enumerate(encoded)
               if len(ids) < config.SURE_TOKENS and len(contents[i]) > config.MAX_CHARS]
@@ -66,7 +106,7 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFa
                for reason, ids in zip(batch["skip_reason"], encoded)]
     kept = [i for i, reason in enumerate(reasons) if reason == KEPT]
     texts = [""] * len(cut)  # only kept items need their text (saves memory on 4.45M rows)
-    for i, text in zip(kept, backend.decode_batch([cut[i] for i in kept])):
+    for i, text in zip(kept, tokenizer.backend_tokenizer.decode_batch([cut[i] for i in kept])):
         texts[i] = text
     return {
         "content_tokens": [len(ids) for ids in encoded],
@@ -74,6 +114,147 @@ def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFa
         "text": texts,
         "skip_reason": reasons,
     }
+
+
+def curate_batch(table: pa.Table, tokenizer: PreTrainedTokenizerFast) -> pa.Table:
+    """One Arrow batch of raw records -> its stage rows (see ``PART_SCHEMA``).
+
+    Prices are parsed on the whole column first; only priced records are turned into Python
+    objects, described and tokenised.
+    """
+    price, reasons = parse_price_column(table["price"])
+    if MALFORMED in table.column_names:
+        malformed = table[MALFORMED].is_valid().to_numpy(zero_copy_only=False)
+        reasons = [MALFORMED if bad else reason for bad, reason in zip(malformed, reasons)]
+    priced = [i for i, reason in enumerate(reasons) if reason is None]
+    books = [describe_book(record) for record in table.take(priced).to_pylist()] if priced else []
+    counted = count_and_cut_batch({"content": [d["content"] for d, _ in books], "skip_reason": [KEPT] * len(books)},
+                                  tokenizer)
+    rows = len(reasons)
+    skip = [reason or KEPT for reason in reasons]
+    tokens = np.zeros(rows, dtype=np.int32)
+    tokens[priced] = counted["content_tokens"]
+    kept = [(i, index) for i, (index, reason) in enumerate(zip(priced, counted["skip_reason"])) if reason == KEPT]
+    for i, index in enumerate(priced):
+        skip[index] = counted["skip_reason"][i]
+    columns: dict[str, list] = {name: [None] * rows for name in PART_SCHEMA.names[3:]}
+    for i, index in kept:
+        described, book = books[i]
+        for name in ("asin", "title", "category", "format", "pages", "weight_oz", "year", "rating_number",
+                     "average_rating", "description_chars"):
+            columns[name][index] = described[name]
+        columns["text"][index], columns["token_count"][index] = counted["text"][i], counted["token_count"][i]
+        columns[BOOK][index] = book
+    return pa.Table.from_pydict({"price": price, "content_tokens": tokens, "skip_reason": skip, **columns},
+                                schema=PART_SCHEMA)
+
+
+def curate_shard(source: Source, index: int, part: Path, batch_size: int,
+                 tokenizer: PreTrainedTokenizerFast, progress: bool = False) -> Path:
+    """Curate shard ``index`` of ``source`` into the parquet file ``part``, atomically.
+
+    The file appears whole under its final name or not at all, so a crash never leaves a part
+    that a re-run would take as finished. The numbers of malformed lines go into its metadata.
+    """
+    def write(tmp: Path) -> None:
+        malformed: list[int] = []
+        with pq.ParquetWriter(tmp, PART_SCHEMA, compression="zstd") as writer:
+            batches = source.read_shard(index, batch_size)
+            for table in tqdm(batches, desc=f"Shard {index}", unit="batch", leave=False, disable=not progress):
+                if MALFORMED in table.column_names:
+                    malformed += [line for line in table[MALFORMED].to_pylist() if line]
+                writer.write_table(curate_batch(table, tokenizer))
+            writer.add_key_value_metadata({MALFORMED: json.dumps(malformed)})
+
+    return write_file_atomically(part, write)
+
+
+_worker_tokenizer: PreTrainedTokenizerFast | None = None
+
+
+def _start_worker(tokenizer: PreTrainedTokenizerFast) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already: no extra threads
+    _worker_tokenizer = tokenizer
+
+
+def _curate_shard_in_worker(source: Source, index: int, part: Path, batch_size: int) -> Path:
+    return curate_shard(source, index, part, batch_size, _worker_tokenizer)
+
+
+def stage_dir(profile: config.Profile, source: Source, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """Where the parts of this exact job live: keyed by source, rules and tokenizer.
+
+    A re-run with the same key reuses finished parts; any other key's parts are stale.
+    """
+    rules = [config.MIN_PRICE, config.MAX_PRICE, config.MIN_TOKENS, config.MAX_TOKENS, config.MAX_CHARS,
+             config.SURE_TOKENS, config.MIN_WORD_CHARS_WITH_DIGIT]
+    tokenizer_hash = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    key = json.dumps([source.fingerprint, source.num_shards, source.columns, rules, tokenizer_hash])
+    return profile.curated_dir / ".stage" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def run_stage(profile: config.Profile, source: Source, tokenizer: PreTrainedTokenizerFast) -> list[Path]:
+    """Curate every shard of ``source`` into a part (several processes), skipping finished parts."""
+    stage = stage_dir(profile, source, tokenizer)
+    for other in stage.parent.glob("*"):
+        if other != stage:
+            shutil.rmtree(other, ignore_errors=True)  # stale: another source, rule or tokenizer
+    stage.mkdir(parents=True, exist_ok=True)
+    for leftover in stage.glob(".part-*"):
+        leftover.unlink()  # a crashed write (the final names are only ever whole files)
+    parts = [stage / f"part-{index:05d}-of-{source.num_shards:05d}.parquet" for index in range(source.num_shards)]
+    todo = [index for index, part in enumerate(parts) if not part.exists()]
+    bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="Curate shards", unit="shard")
+    if min(profile.num_proc, len(todo)) > 1:
+        context = get_context("spawn")
+        with ProcessPoolExecutor(min(profile.num_proc, len(todo)), mp_context=context, initializer=_start_worker,
+                                 initargs=(tokenizer,)) as pool:
+            for done in as_completed([pool.submit(_curate_shard_in_worker, source, index, parts[index],
+                                                  profile.batch_size) for index in todo]):
+                done.result()
+                bar.update()
+    else:
+        for index in todo:
+            curate_shard(source, index, parts[index], profile.batch_size, tokenizer, progress=True)
+            bar.update()
+    bar.close()
+    return parts
+
+
+def read_records(parts: list[Path]) -> pd.DataFrame:
+    """One row per raw record (price, content_tokens, skip_reason), in source order."""
+    tables = [pq.read_table(part, columns=RECORD_COLUMNS) for part in parts]
+    return pa.concat_tables(tables).to_pandas()
+
+
+def read_kept(parts: list[Path]) -> pd.DataFrame:
+    """The small columns of kept records (asin, price, book) with their ``part`` and ``row``."""
+    frames = []
+    for number, part in enumerate(parts):
+        table = pq.read_table(part, columns=["skip_reason", "asin", "price", BOOK])
+        rows = np.flatnonzero(table["asin"].is_valid().to_numpy(zero_copy_only=False))
+        frame = table.select(["asin", "price", BOOK]).take(rows).to_pandas()
+        frames.append(frame.assign(part=np.int32(number), row=rows.astype(np.int64)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_items(parts: list[Path], chosen: pd.DataFrame) -> pd.DataFrame:
+    """The item columns of the ``chosen`` rows (``part``, ``row``), indexed like ``chosen``."""
+    frames = []
+    for number, rows in chosen.groupby("part")["row"]:
+        table = pq.read_table(parts[number], columns=ITEM_COLUMNS).take(rows.to_numpy())
+        frames.append(table.to_pandas().set_index(rows.index))
+    return pd.concat(frames).loc[chosen.index]
+
+
+def dedup_editions(frame: pd.DataFrame, seed: int = config.SEED) -> pd.DataFrame:
+    """One item per book (``book`` key): a seeded, order-independent choice among its editions."""
+    draw = pd.util.hash_pandas_object(frame["asin"], index=False, hash_key=f"{seed:016d}")
+    single = frame[BOOK] == ""  # no title: nothing to match editions on
+    ordered = frame.assign(draw=draw.to_numpy()).sort_values(["draw", "asin"], kind="stable")
+    chosen = ordered[single.loc[ordered.index] | ~ordered.duplicated(BOOK)]
+    return frame.loc[frame.index.isin(chosen.index)]
 
 
 def balance(frame: pd.DataFrame, max_per_dollar: int, seed: int = config.SEED) -> pd.DataFrame:
@@ -109,16 +290,17 @@ class Curation:
         return pd.DataFrame(self.manifest["funnel"])
 
 
-SKIP_REASONS = ("no price", "unparsable price", "price below range", "price above range", "too few tokens")
+SKIP_REASONS = (MALFORMED, "no price", "unparsable price", "price below range", "price above range",
+                "too few tokens")
 
 
-def _funnel(records: pd.DataFrame, deduplicated: int, balanced: int, train: int, test: int) -> list[dict]:
+def _funnel(records: pd.DataFrame, unique: int, books: int, balanced: int, train: int, test: int) -> list[dict]:
     """Items left after each rule, and how many that rule dropped."""
-    reasons = Counter(records["skip_reason"])
+    reasons = records["skip_reason"].value_counts()
     rows = [{"stage": "raw records", "items": len(records), "dropped": 0}]
-    steps = [(f"drop: {reason}", rows[0]["items"] - sum(reasons[r] for r in SKIP_REASONS[: i + 1]))
+    steps = [(f"drop: {reason}", rows[0]["items"] - sum(int(reasons.get(r, 0)) for r in SKIP_REASONS[: i + 1]))
              for i, reason in enumerate(SKIP_REASONS)]
-    steps += [("drop: duplicate ASIN", deduplicated), ("balance prices", balanced)]
+    steps += [("drop: duplicate ASIN", unique), ("drop: other edition of a book", books), ("balance prices", balanced)]
     for stage, items in steps:
         rows.append({"stage": stage, "items": items, "dropped": rows[-1]["items"] - items})
     return rows + [{"stage": "train split", "items": train, "dropped": 0},
@@ -126,35 +308,43 @@ def _funnel(records: pd.DataFrame, deduplicated: int, balanced: int, train: int,
 
 
 def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = None) -> Curation:
-    """Run every curation step for ``profile`` and save the result (see :func:`save`)."""
+    """Run every curation step for ``profile`` and save the result (see :func:`save`).
+
+    Shards are curated into parts under ``<curated_dir>/.stage`` (a re-run after a crash
+    reuses the finished ones); only the small columns of kept records are then read to
+    dedup, balance and split, and the text of the chosen items last. Saving removes the stage.
+    """
     started = time.perf_counter()
     tokenizer = tokenizer or assets.load_tokenizer(profile.tokenizer_source)
-    raw = load_raw(profile.data_source)
-    common = {"batched": True, "batch_size": profile.batch_size, "num_proc": profile.num_proc,
-              "load_from_cache_file": False}
-    described = raw.map(describe_batch, remove_columns=raw.column_names, desc="Scrub + parse", **common)
-    counted = described.map(count_and_cut_batch, fn_kwargs={"tokenizer": tokenizer},
-                            remove_columns=["content"], desc="Count tokens", **common)
-    records = counted.select_columns(["price", "content_tokens", "skip_reason"]).to_pandas()
-    kept = (counted.filter(lambda reasons: [reason == KEPT for reason in reasons], input_columns="skip_reason",
-                           desc="Keep", **common)
-            .to_pandas().drop_duplicates("asin"))
-    balanced = balance(kept, profile.max_per_dollar)
+    source = open_source(profile.data_source)
+    parts = run_stage(profile, source, tokenizer)
+    shards_done = time.perf_counter()
+    records = read_records(parts)
+    kept = read_kept(parts)
+    unique = kept.drop_duplicates("asin")
+    books = dedup_editions(unique)
+    balanced = balance(books, profile.max_per_dollar)
     train, test = split(balanced, profile.test_size)
+    malformed = [line for part in parts for line in json.loads(pq.read_metadata(part).metadata[MALFORMED.encode()])]
+    for line in malformed[: config.LOGGED_BAD_LINES]:
+        log.warning("%s:%d: malformed line skipped (not a JSON object; a cut download leaves one)", source.location,
+                    line)
     manifest = {
         "profile": profile.name,
-        "source": profile.data_source if profile.data_source == "hub" else Path(profile.data_source).name,
-        "hub_dataset": config.HUB_DATASET if profile.data_source == "hub" else None,
+        "source": source.location if source.kind == "hub" else Path(source.location).name,
+        "hub_dataset": source.location if source.kind == "hub" else None,
         "tokenizer": profile.tokenizer_source,
         "seed": config.SEED,
         "rules": {"min_price": config.MIN_PRICE, "max_price": config.MAX_PRICE,
                   "min_tokens_exclusive": config.MIN_TOKENS, "max_tokens": config.MAX_TOKENS,
                   "max_per_dollar": profile.max_per_dollar, "test_size": profile.test_size},
-        "funnel": _funnel(records, len(kept), len(balanced), len(train), len(test)),
-        "seconds": round(time.perf_counter() - started, 1),
+        "funnel": _funnel(records, len(unique), len(books), len(balanced), len(train), len(test)),
+        "malformed_lines": [f"{Path(source.location).name}:{line}" for line in malformed[: config.LOGGED_BAD_LINES]],
     }
-    to_items = lambda frame: [Item.from_row(row) for row in frame[ITEM_COLUMNS].to_dict("records")]
+    to_items = lambda frame: [Item.from_row(row) for row in read_items(parts, frame).to_dict("records")]
     curation = Curation(to_items(train), to_items(test), records, manifest)
+    manifest["seconds"] = {"shards": round(shards_done - started, 1),
+                           "dedup, balance, split": round(time.perf_counter() - shards_done, 1)}
     save(curation, profile.curated_dir)
     return curation
 
@@ -229,7 +419,7 @@ def main() -> None:
     profile = config.get_profile(parser.parse_args().profile)
     curation = curate(profile)
     print(curation.funnel.to_string(index=False))
-    print(f"Saved to {profile.curated_dir} in {curation.manifest['seconds']} s")
+    print(f"Saved to {profile.curated_dir} ({curation.manifest['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from conftest import make_item
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
 from helpers.curate import balance, count_and_cut_batch, curate, load_curated, split
-from helpers.data import load_raw, parse_price
+from helpers.data import open_source, parse_price
 from helpers.items import author_name, book_format, describe, parse_details, scrub
 from helpers.storage import write_folder_atomically
 
@@ -145,10 +145,12 @@ def test_balance_caps_each_dollar_and_is_reproducible():
 
 
 def test_sample_loads_through_the_parser_with_the_raw_schema():
-    raw = load_raw(str(config.SAMPLE_PATH))
-    assert len(raw) == 179 and "price" in raw.column_names
+    source = open_source(str(config.SAMPLE_PATH))
+    tables = list(source.read_shard(0, batch_size=100))
+    assert [table.num_rows for table in tables] == [100, 79]
+    assert set(config.RAW_COLUMNS) <= set(tables[0].column_names) and source.head(1)[0]["title"] == "Chaucer"
     with pytest.raises(FileNotFoundError, match="sample"):
-        load_raw("no/such/file.jsonl")
+        open_source("no/such/file.jsonl")
 
 
 @pytest.fixture(scope="module")
