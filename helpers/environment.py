@@ -87,7 +87,7 @@ class Device:
     def line(self) -> str:
         if self.kind != "cuda":
             return (f"[OK]   device: {self.name}. Fine for the smoke profile; the full profile "
-                    "(Llama-3.1-8B) needs a CUDA GPU with 16 GB+ (Colab T4 works with batch 1).")
+                    "(Llama-3.1-8B) needs a CUDA GPU with 16 GB+ (the lite profile fits a free Colab T4).")
         precision = "bf16" if self.bf16 else "fp16 (no bf16 before compute capability 8.0)"
         return (f"[OK]   device: {self.name}, compute capability {self.capability[0]}.{self.capability[1]}, "
                 f"{self.memory_gib:.1f} GiB, trains in {precision}")
@@ -176,7 +176,7 @@ def report(profile: config.Profile) -> str:
              f"[FAIL] {python}  -> the pins need Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+: make a venv with one"]
     lines += [check.line() for check in packages]
     lines.append(device.line())
-    source = profile.data_source if profile.data_source == "hub" else Path(profile.data_source).name
+    source = Path(profile.data_source).name if Path(profile.data_source).exists() else profile.data_source
     lines.append(f"[OK]   profile: {profile.name} (data: {source}, model: {profile.base_model}"
                  f"{', Colab' if in_colab() else ''})")
     lines.append(f"[OK]   state folder: {config.HOME} (curated data, runs, results; asset cache {config.CACHE_DIR})")
