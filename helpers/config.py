@@ -119,7 +119,7 @@ THROUGHPUTS: dict[tuple[str, str], Throughput] = {
         "a learner's run of the nearest course: A100, HF+PEFT+bitsandbytes, r 32, batch 16, "
         "max 182 tokens, 17.67 samples/s (../shared/NOTES-full-profile.md)"),
     ("cpu", "smollm2"): Throughput(
-        121.0, "measured here",
+        133.6, "measured here",
         "run card of `make smoke`, 2-core CPU, SmolLM2-135M, batch 4 (README, smoke results)"),
 }
 # Other GPU x model pairs are estimated from the published A100 figure, scaled by peak TFLOP/s

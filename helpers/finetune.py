@@ -249,7 +249,7 @@ class TrainingResult:
         """One line for the learner: what this call did."""
         if self.status == "finished":
             return (f"This run had already finished ({self.global_step} steps): nothing trained; its adapter is "
-                    f"{self.adapter_dir}. Use another output folder or resume=False to train again.")
+                    f"{self.adapter_dir}. To train again, use another output folder or resume=False (--no-resume).")
         start = f"Resumed from {self.resumed_from}" if self.resumed_from else "Trained from scratch"
         return f"{start}: {self.global_step} steps; adapter saved to {self.adapter_dir}"
 
