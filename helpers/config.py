@@ -1,6 +1,6 @@
-"""Every constant of the course, and the two run profiles (``smoke`` and ``full``).
+"""Every constant of the course, and the three run profiles (``smoke``, ``lite`` and ``full``).
 
-The profile changes *sources and sizes only*; every stage runs the same code in both.
+The profile changes *sources and sizes only*; every stage runs the same code in all three.
 Pick it with the ``PROFILE`` parameter of a notebook, or with the environment variable
 ``BOOK_PRICER_PROFILE`` for scripts and CI (default: ``smoke``).
 """
@@ -189,18 +189,18 @@ class Profile:
 
 
 _FULL = Profile(
-        name="full",
-        data_source=os.environ.get(DATA_ENV, HUB_DATASET),
-        tokenizer_source="llama-models",
-        base_model=LLAMA_HUB_ID,
-        max_per_dollar=1_000,
-        test_size=2_000,
-        eval_size=250,
-        num_proc=os.cpu_count() or 1,
-        batch_size=1_000,
-        predict_batch_size=16,
-        target_device="A100",
-        budget_minutes=180,
+    name="full",
+    data_source=os.environ.get(DATA_ENV, HUB_DATASET),
+    tokenizer_source="llama-models",
+    base_model=LLAMA_HUB_ID,
+    max_per_dollar=1_000,
+    test_size=2_000,
+    eval_size=250,
+    num_proc=os.cpu_count() or 1,
+    batch_size=1_000,
+    predict_batch_size=16,
+    target_device="A100",
+    budget_minutes=180,
 )
 PROFILES: dict[str, Profile] = {
     "full": _FULL,

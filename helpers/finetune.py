@@ -286,9 +286,10 @@ def mean_tokens(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> float:
     return statistics.fmean(len(ids) + 1 for ids in tokenizer(sample)["input_ids"])
 
 
-def training_plan(profile: config.Profile, device: Device | None = None) -> plan.TrainingPlan:
-    """The plan of :func:`train` for ``profile`` on ``device`` (default: this machine's)."""
-    train_items, _ = training_items(profile)
+def training_plan(profile: config.Profile, device: Device | None = None,
+                  train_items: list[Item] | None = None) -> plan.TrainingPlan:
+    """The plan of :func:`train` for ``profile`` on ``device`` (default: this machine's) and its train items."""
+    train_items = training_items(profile)[0] if train_items is None else train_items
     tokens = mean_tokens(base_tokenizer(profile), train_items)
     return plan.plan(profile, len(train_items), tokens, device or detect_device())
 
@@ -348,7 +349,7 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
     run_dir = Path(run_dir or default_run_dir(profile))
     checkpoints_dir = run_dir / "checkpoints"
     train_items, validation_items = training_items(profile)
-    the_plan = training_plan(profile, device)
+    the_plan = training_plan(profile, device, train_items)
     profile = replace(profile, training=the_plan.training)
     resumed_from = last_complete_checkpoint(checkpoints_dir) if resume else None
     state = TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)) if resumed_from else None

@@ -116,11 +116,11 @@ def fit_batch(model: str | PretrainedConfig, training: config.TrainingConfig,
     where 16 x 1 runs several times faster. Candidates are the divisors of the effective batch.
     """
     effective = training.batch_size * training.gradient_accumulation_steps
-    for batch in sorted((b for b in range(1, effective + 1) if effective % b == 0), reverse=True):
-        candidate = replace(training, batch_size=batch, gradient_accumulation_steps=effective // batch)
-        if batch == 1 or memory_estimate(model, candidate).total <= MEMORY_HEADROOM * memory_gib:
-            return candidate
-    raise AssertionError("unreachable: batch 1 is always returned")
+    split = lambda batch: replace(training, batch_size=batch, gradient_accumulation_steps=effective // batch)
+    divisors = [batch for batch in range(effective, 0, -1) if effective % batch == 0]
+    fits = (batch for batch in divisors
+            if memory_estimate(model, split(batch)).total <= MEMORY_HEADROOM * memory_gib)
+    return split(next(fits, 1))
 
 
 # --- time ---------------------------------------------------------------------------------
@@ -254,10 +254,12 @@ def main() -> None:
 
     smoke = config.get_profile("smoke")
     tokens = finetune.mean_tokens(assets.llama3_tokenizer_offline(), finetune.training_items(smoke)[0])
+    rows = [finetune.training_plan(smoke, TABLE_DEVICES["cpu"])]
+    for name in ("lite", "full"):
+        profile = config.get_profile(name)
+        rows += [plan(profile, planned_items(profile), tokens, TABLE_DEVICES[key]) for key in ("T4", "L4", "A100", "H100")]
     print("| profile | model | books | device | batch | steps | GPU memory (GiB, est.) | minutes | kind |")
     print("|---|---|---|---|---|---|---|---|---|")
-    rows = [finetune.training_plan(smoke, TABLE_DEVICES["cpu"])] + [plan(config.get_profile(name), planned_items(config.get_profile(name)), tokens, TABLE_DEVICES[key])
-                      for name in ("lite", "full") for key in ("T4", "L4", "A100", "H100")]
     for row in rows:
         memory = f"{row.memory.total:.1f}" if row.memory else "-"
         budget = "" if row.fits_budget is not False else f" (over the {row.budget_minutes:.0f}-min budget)"
