@@ -16,7 +16,7 @@ import time
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
-from helpers.curate import KEPT, count_and_cut_batch
+from helpers.tokens import KEPT, count_and_cut_batch
 from helpers.items import describe
 
 

@@ -11,7 +11,6 @@ sample), which flattens those peaks without inventing items for the rare expensi
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import logging
@@ -19,7 +18,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from multiprocessing import get_context
@@ -29,21 +27,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import tiktoken
-from tiktoken.load import load_tiktoken_bpe
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from helpers import assets, config
 from helpers.data import MALFORMED, Source, open_source, parse_price_column
 from helpers.items import Item, describe_book, prices
 from helpers.storage import sha256_of, write_file_atomically, write_folder_atomically
+from helpers.tokens import KEPT, count_and_cut_batch
 
 log = logging.getLogger(__name__)
 ITEM_COLUMNS = [f.name for f in fields(Item)]
-KEPT = ""  # the skip reason of a record that survives
 RECORD_COLUMNS = ["price", "content_tokens", "skip_reason"]  # one row per raw record, for the funnel and plots
 BOOK = "book"  # the edition-dedup key of a kept item (see items.book_key)
 PART_SCHEMA = pa.schema([
@@ -53,67 +47,6 @@ PART_SCHEMA = pa.schema([
     ("year", pa.float64()), ("rating_number", pa.float64()), ("average_rating", pa.float64()),
     ("description_chars", pa.int64()), (BOOK, pa.string()),
 ])  # a stage part: every record's funnel columns, and the item columns of kept records (null elsewhere)
-
-
-@functools.lru_cache(maxsize=4)
-def _encoder(tokenizer: PreTrainedTokenizerFast) -> Callable[[list[str]], list[list[int]]]:
-    """Texts -> token ids without special tokens: tiktoken where the tokenizer is Meta's Llama 3
-    BPE (identical ids, faster on one core), else the Rust tokenizer's batch call."""
-    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no offsets or masks to build
-    llama3 = _llama3_tiktoken(backend)
-    if llama3 is not None:
-        return lambda texts: [llama3.encode_ordinary(text) for text in texts]
-    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-
-
-def _llama3_tiktoken(backend: Tokenizer) -> tiktoken.Encoding | None:
-    """Meta's ``tokenizer.model`` as a tiktoken encoding, if ``backend`` is exactly that BPE (same
-    pieces and ids, same split pattern, no normaliser); else None."""
-    spec = json.loads(backend.to_str())
-    splits = (spec.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
-    if (spec.get("normalizer") is not None or spec["model"].get("type") != "BPE"
-            or not spec["model"].get("ignore_merges")
-            or splits[0].get("pattern", {}).get("Regex") != assets.LLAMA3_PATTERN):
-        return None
-    try:
-        ranks = load_tiktoken_bpe(str(assets.package_file("llama_models", "llama3/tokenizer.model")))
-    except FileNotFoundError:
-        return None
-    chars, vocab = bytes_to_unicode(), spec["model"]["vocab"]
-    if len(vocab) != len(ranks) or any(vocab.get("".join(chars[b] for b in piece)) != rank
-                                        for piece, rank in ranks.items()):
-        return None
-    return tiktoken.Encoding("llama3", pat_str=assets.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
-
-
-def count_and_cut_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerFast) -> dict[str, list]:
-    """Count the tokens of each content in one batched call, and cut kept texts to MAX_TOKENS.
-
-    Tokenising costs time per character, and only the first MAX_TOKENS tokens matter, so we
-    tokenise the first MAX_CHARS characters. Where that prefix yields fewer than
-    SURE_TOKENS tokens (a token-dense text), the full text is tokenised again: counts up to
-    MAX_TOKENS and the cut texts are exactly those of the full texts.
-    """
-    contents = batch["content"]
-    encode = _encoder(tokenizer)
-    encoded = encode([content[: config.MAX_CHARS] for content in contents])
-    unsure = [i for i, ids in enumerate(encoded)
-              if len(ids) < config.SURE_TOKENS and len(contents[i]) > config.MAX_CHARS]
-    for i, ids in zip(unsure, encode([contents[i] for i in unsure]) if unsure else []):
-        encoded[i] = ids
-    cut = [ids[: config.MAX_TOKENS] for ids in encoded]
-    reasons = [reason or (KEPT if len(ids) > config.MIN_TOKENS else "too few tokens")
-               for reason, ids in zip(batch["skip_reason"], encoded)]
-    kept = [i for i, reason in enumerate(reasons) if reason == KEPT]
-    texts = [""] * len(cut)  # only kept items need their text (saves memory on 4.45M rows)
-    for i, text in zip(kept, tokenizer.backend_tokenizer.decode_batch([cut[i] for i in kept])):
-        texts[i] = text
-    return {
-        "content_tokens": [len(ids) for ids in encoded],
-        "token_count": [len(ids) for ids in cut],
-        "text": texts,
-        "skip_reason": reasons,
-    }
 
 
 def curate_batch(table: pa.Table, tokenizer: PreTrainedTokenizerFast) -> pa.Table:

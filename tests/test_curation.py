@@ -7,7 +7,8 @@ from conftest import make_item
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
-from helpers.curate import balance, count_and_cut_batch, curate, load_curated, split
+from helpers.curate import balance, curate, load_curated, split
+from helpers.tokens import count_and_cut_batch
 from helpers.data import open_source, parse_price
 from helpers.items import author_name, book_format, describe, parse_details, scrub
 from helpers.storage import write_folder_atomically

@@ -18,8 +18,10 @@ import pytest
 
 from helpers import config
 from helpers import curate as curate_module
+from helpers import tokens
 from helpers.assets import llama3_tokenizer_offline
-from helpers.curate import BOOK, count_and_cut_batch, curate, dedup_editions
+from helpers.curate import BOOK, curate, dedup_editions
+from helpers.tokens import count_and_cut_batch
 from helpers.data import open_source
 
 REPLICA_ROWS = 3_000  # 2 files of 1,500 rows, row groups of 1,000: 4 parts
@@ -60,12 +62,12 @@ def replica_curation(replica, tokenizer, tmp_path_factory):
 
 
 def test_tiktoken_counts_and_cuts_like_the_rust_tokenizer(tokenizer, sample_items, monkeypatch):
-    assert curate_module._llama3_tiktoken(tokenizer.backend_tokenizer) is not None  # the fast path is taken
+    assert tokens.llama3_tiktoken(tokenizer.backend_tokenizer) is not None  # the fast path is taken
     texts = [item.text for item in sample_items] + ["Price is $123", "café ☕ 1234567 ", " book" * 400, "x\n\n\ty"]
     batch = {"content": texts, "skip_reason": [""] * len(texts)}
     fast = count_and_cut_batch(batch, tokenizer)
     backend = tokenizer.backend_tokenizer
-    monkeypatch.setattr(curate_module, "_encoder", lambda _: lambda texts: [
+    monkeypatch.setattr(tokens, "encoder", lambda _: lambda texts: [
         e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)])
     assert fast == count_and_cut_batch(batch, tokenizer)  # counts, cuts and decisions
 
