@@ -3,7 +3,9 @@
 A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
 (``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
 an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
-recorded with its reason, and never stops the evaluation.
+recorded with its reason, and never stops the evaluation. The exception to that rule is a
+*machine* failure (out of memory, a CUDA error): it says nothing about the model's answers,
+so it stops the evaluation with its message and a hint (:func:`is_machine_failure`).
 
 Metrics are computed over the successful predictions only; failures are reported
 separately (``n_failed`` and :attr:`Evaluation.failures`). The one exception is
@@ -54,6 +56,23 @@ def as_price(value: object) -> tuple[float | None, str | None]:
 
 def _describe_error(error: Exception) -> str:
     return f"raised {type(error).__name__}: {error}"
+
+
+_MACHINE_ERROR = re.compile(r"CUDA|CUBLAS|cuDNN|out of memory", re.IGNORECASE)
+
+
+def is_machine_failure(error: BaseException) -> bool:
+    """True for out-of-memory and CUDA/torch runtime errors: the machine failed, not the model's answer."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError
+            or (isinstance(error, RuntimeError) and bool(_MACHINE_ERROR.search(str(error)))))
+
+
+def _stop_on_machine_failure(name: str, error: Exception) -> None:
+    """Re-raise ``error`` (as a RuntimeError naming the fix) when it is a machine failure; else return."""
+    if is_machine_failure(error):
+        raise RuntimeError(f"Evaluating {name!r} stopped: {type(error).__name__}: {error}\nFix: lower the "
+                           "profile's predict_batch_size (get_profile(..., predict_batch_size=...)) or free "
+                           "the accelerator's memory, then run the evaluation again.") from error
 
 
 @dataclass
@@ -123,14 +142,16 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
              batched: bool = False) -> Evaluation:
     """Price ``items`` with ``predictor`` and keep every answer, good or failed.
 
-    Bad outputs never stop the run; only a batched predictor that returns the wrong number
-    of prices raises (``ValueError``), since that is a bug in the predictor, not a bad guess.
+    Bad outputs never stop the run. Two things raise: a batched predictor that returns the wrong
+    number of prices (``ValueError``, a bug in the predictor, not a bad guess), and a machine failure
+    such as out of memory (``RuntimeError`` with the original error as its cause).
     """
     outputs: list[tuple[object, str | None]]  # (value, reason it failed before returning)
     if batched:
         try:
             values = predictor(list(items))
-        except Exception as error:  # any failure of the model is a result to report
+        except Exception as error:  # any failure of the model is a result to report, unless the machine failed
+            _stop_on_machine_failure(name, error)
             outputs = [(None, _describe_error(error))] * len(items)
         else:
             count = len(values) if hasattr(values, "__len__") else None
@@ -145,7 +166,8 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
         for item in tqdm(items, desc=name, leave=False):
             try:
                 outputs.append((predictor(item), None))
-            except Exception as error:  # any failure of the model is a result to report
+            except Exception as error:  # any failure of the model is a result to report, unless the machine failed
+                _stop_on_machine_failure(name, error)
                 outputs.append((None, _describe_error(error)))
     predictions = np.full(len(items), np.nan)
     failures = []

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_item
 from matplotlib.figure import Figure
 
@@ -16,6 +17,7 @@ from helpers.evaluate import (
     chart_stem,
     eval_items,
     evaluate,
+    is_machine_failure,
     leaderboard,
     plot_error_by_bucket,
     plot_scatter,
@@ -99,19 +101,39 @@ def test_bad_predictions_are_counted_not_crashed() -> None:
     assert "7 failed" in summary and "model crashed" in summary
 
 
-def test_batched_predictor_failures() -> None:
+def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
     items = [make_item(asin=str(index)) for index in range(3)]
 
     def broken(batch):
-        raise MemoryError("GPU out of memory")
+        raise ValueError("cannot parse the prompt")
 
     evaluation = evaluate("broken", broken, items, batched=True)
     assert [index for index, _ in evaluation.failures] == [0, 1, 2]
-    assert all("GPU out of memory" in reason for _, reason in evaluation.failures)
+    assert all("cannot parse the prompt" in reason for _, reason in evaluation.failures)
 
     partial = evaluate("partial", lambda batch: np.array([10.0, np.nan, -1.0]), items, batched=True)
     assert [index for index, _ in partial.failures] == [1, 2]
     assert partial.predictions[0] == 10.0
+    answers = evaluate("answers", lambda batch: [None, "twelve", math.inf], items, batched=True)
+    assert answers.metrics["n_failed"] == 3
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: device-side assert triggered"),
+    MemoryError("Unable to allocate 12.0 GiB"),
+])
+@pytest.mark.parametrize("batched", [True, False])
+def test_machine_failures_stop_the_evaluation_with_the_fix(error: Exception, batched: bool) -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def out_of_memory(_):
+        raise error
+
+    with pytest.raises(RuntimeError, match="predict_batch_size") as raised:
+        evaluate("big model", out_of_memory, items, batched=batched)
+    assert str(error) in str(raised.value) and raised.value.__cause__ is error
+    assert is_machine_failure(error) and not is_machine_failure(RuntimeError("model crashed"))
 
 
 def test_batched_predictor_of_wrong_length_is_a_programming_error() -> None:
