@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -118,6 +119,26 @@ class PriceDistributions(Sequence):
     def interval(self, level: float = config.INTERVAL_LEVEL) -> tuple[np.ndarray, np.ndarray]:
         """The central ``level`` interval per book: its (1-level)/2 and (1+level)/2 quantiles."""
         return self.quantile((1 - level) / 2), self.quantile((1 + level) / 2)
+
+    def plot(self, index: int = 0, truth: float | None = None, level: float = config.INTERVAL_LEVEL) -> Figure:
+        """Book ``index``'s distribution on a log price axis, with its readings, its ``level`` interval and
+        (if given) the true price."""
+        figure = Figure(figsize=(8, 3.5))
+        axes = figure.subplots()
+        axes.bar(_PRICES, self.probabilities[index], width=0.08 * _PRICES, color="steelblue", label="P(price)")
+        low, high = (bound[index] for bound in self.interval(level))
+        axes.axvspan(low, high, color="steelblue", alpha=0.12, label=f"{level:.0%} interval ${low:.0f}-${high:.0f}")
+        marks = [("median", self.median[index], "black", "-"), ("mean", self.mean[index], "darkorange", "--"),
+                 ("argmax", self.argmax[index], "purple", ":")]
+        if truth is not None:
+            marks.append(("truth", truth, "green", "-"))
+        for name, price, color, style in marks:
+            axes.axvline(price, color=color, linestyle=style, linewidth=1.5, label=f"{name} ${price:.0f}")
+        axes.set(xscale="log", xlim=(1, LARGEST_PRICE), xlabel="price ($)", ylabel="probability",
+                 title="The model's price distribution for one book")
+        axes.legend(fontsize=8, loc="upper right")
+        figure.tight_layout()
+        return figure
 
     @property
     def prices(self) -> np.ndarray:

@@ -122,6 +122,8 @@ def test_readings_of_a_known_distribution():
     low, high = distributions.interval(0.8)  # the 10% and 90% quantiles
     assert (low.tolist(), high.tolist()) == ([10], [100])
     assert list(PriceDistributions(probabilities, reading="mean")) == pytest.approx([49.0])
+    labels = distributions.plot(0, truth=15.0).axes[0].get_legend_handles_labels()[1]
+    assert {"median $20", "argmax $100", "truth $15", "80% interval $10-$100"} <= set(labels)
 
 
 def test_digit_tokenizer_probe(llama_tokenizer, smollm2_tokenizer):
