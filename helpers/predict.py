@@ -18,7 +18,7 @@ and the fallback for a tokenizer that fits neither path. Every predictor is call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -150,6 +150,9 @@ class PriceDistributions(Sequence):
 
     def __getitem__(self, index: int) -> float:
         return float(self.prices[index])
+
+    def __iter__(self) -> Iterator[float]:  # the reading computed once, not once per book
+        return iter(self.prices.tolist())
 
 
 class DistributionPredictor:
