@@ -1,15 +1,15 @@
-"""Price reading speed: one forward pass over number tokens against greedy generation.
+"""Price reading speed and MAE: the price distribution against greedy generation, for both tokenizer kinds.
 
-``NumberTokenPredictor`` reads the next-token distribution over the 999 single-token numbers
-of the Llama 3.1 tokenizer in ONE forward pass per batch; ``GeneratePredictor`` generates a
-few tokens and parses them. Both run on the same model and the same test books.
+``DistributionPredictor`` reads P(price = n), n in 1..999: with the Llama 3.1 tokenizer (every
+number one token) in ONE forward pass per batch; with SmolLM2's digit tokenizer by the digit tree
+(a prompt pass and two batched steps on its KV cache per book). ``GeneratePredictor`` generates a
+few tokens greedily and parses them. Per tokenizer, every decoder runs on the same model and books.
 
-Offline there is no Llama 3.1 model (the hub is out of reach and SmolLM2 splits digits), so
-this benchmark trains a TINY random-init ``LlamaForCausalLM`` with the real Llama 3.1
-tokenizer for a few seconds on the curated smoke training prompts, the loss on the answer
-tokens only. Its MAE compares the two *decoders* on one model; it says nothing about how
-well a real LLM prices books. Run: ``python benchmarks/bench_predict.py [--epochs N]``
-(needs ``python -m helpers.curate`` first).
+Offline there is no Llama 3.1 model, so this benchmark trains two TINY random-init
+``LlamaForCausalLM`` of the same shape, one per tokenizer (Llama 3.1, SmolLM2), for a few seconds on
+the curated smoke training prompts, the loss on the answer tokens only. Their MAEs compare
+*decoders* on one model; they say nothing about how well a real LLM prices books. Run:
+``python benchmarks/bench_predict.py [--epochs N]`` (needs ``python -m helpers.curate`` first).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from helpers import config
-from helpers.assets import llama3_tokenizer_offline
+from helpers.assets import llama3_tokenizer_offline, load_tokenizer
 from helpers.curate import load_curated
 from helpers.evaluate import Evaluation, eval_items, evaluate
 from helpers.items import Item
-from helpers.predict import GeneratePredictor, NumberTokenPredictor
-
-ANSWER_TOKENS = 4  # "21" "." "00" <end_of_text>: every answer is four Llama 3.1 tokens
+from helpers.predict import DistributionPredictor, GeneratePredictor
 
 
 def tiny_llama(vocab_size: int, pad_token_id: int) -> LlamaForCausalLM:
@@ -40,8 +38,12 @@ def tiny_llama(vocab_size: int, pad_token_id: int) -> LlamaForCausalLM:
 
 def train_on_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, items: list[Item],
                      epochs: int, batch_size: int, learning_rate: float) -> list[float]:
-    """Teach ``model`` the answers: cross-entropy on the last four tokens of left-padded examples."""
+    """Teach ``model`` the answers: cross-entropy on each example's answer tokens ("21.00" and the end
+    token), the last tokens of left-padded examples."""
     texts = [item.prompt + tokenizer.eos_token for item in items]
+    answer_tokens = torch.tensor([len(tokenizer.encode(item.completion + tokenizer.eos_token, add_special_tokens=False))
+                                  for item in items])
+    longest = int(answer_tokens.max())
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(config.SEED)
     epoch_losses = []
@@ -51,8 +53,9 @@ def train_on_answers(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
         for batch in torch.randperm(len(texts), generator=generator).split(batch_size):
             inputs = tokenizer([texts[index] for index in batch], padding=True, padding_side="left",
                                return_tensors="pt")
-            logits = model(**inputs, logits_to_keep=ANSWER_TOKENS + 1).logits[:, :-1]
-            targets = inputs["input_ids"][:, -ANSWER_TOKENS:]
+            logits = model(**inputs, logits_to_keep=longest + 1).logits[:, :-1]
+            targets = inputs["input_ids"][:, -longest:].clone()
+            targets[torch.arange(longest) < longest - answer_tokens[batch][:, None]] = -100  # prompt, not answer
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
             optimizer.zero_grad()
             loss.backward()
@@ -83,37 +86,38 @@ def main() -> None:
     profile = config.get_profile(args.profile)
     train, test = load_curated(profile)
     items = eval_items(test, profile)
-    tokenizer = llama3_tokenizer_offline()
-    answer = tokenizer(items[0].completion + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    assert len(answer) == ANSWER_TOKENS, f"expected {ANSWER_TOKENS} answer tokens, got {len(answer)}"
-
-    model = tiny_llama(len(tokenizer), tokenizer.pad_token_id)
-    started = time.perf_counter()
-    losses = train_on_answers(model, tokenizer, train, args.epochs, profile.predict_batch_size, args.learning_rate)
-    print(f"Stand-in model: a tiny random-init Llama ({model.num_parameters() / 1e6:.1f}M parameters, "
-          f"Llama 3.1 tokenizer) trained {time.perf_counter() - started:.0f} s on {len(train)} smoke "
-          f"training prompts; answer loss {losses[0]:.2f} -> {losses[-1]:.2f}.")
-    print("Its MAE compares the two decoders on one model, not the quality of a real LLM.\n")
-
-    number = NumberTokenPredictor(model, tokenizer, profile.predict_batch_size)
-    generate = GeneratePredictor(model, tokenizer, profile.predict_batch_size)
-    generate_one = GeneratePredictor(model, tokenizer, batch_size=1)
-    for predictor in (number, generate):  # warm-up: first-call allocations are not what we measure
-        predictor(items[:2])
-    expected, number_rate = timed("NumberTokenPredictor (expected)", number.expected, items, args.repeats)
-    argmax = evaluate("NumberTokenPredictor (argmax)", number.argmax, items, batched=True)  # same speed
-    generated, generate_rate = timed("GeneratePredictor (greedy)", generate, items, args.repeats)
-    one_by_one, one_rate = timed("GeneratePredictor, batch size 1", generate_one, items, args.repeats)
-
-    print(f"{'decoder':<36}{'items/s':>10}{'MAE $':>10}{'failed':>8}")
-    rows = ((expected, number_rate), (argmax, number_rate), (generated, generate_rate), (one_by_one, one_rate))
+    batch_size = profile.predict_batch_size
+    rows = []
+    for label, tokenizer in (("Llama 3.1", llama3_tokenizer_offline()), ("SmolLM2", load_tokenizer("smollm2"))):
+        model = tiny_llama(len(tokenizer), tokenizer.pad_token_id)
+        started = time.perf_counter()
+        losses = train_on_answers(model, tokenizer, train, args.epochs, batch_size, args.learning_rate)
+        print(f"Stand-in model, {label} tokenizer: a tiny random-init Llama ({model.num_parameters() / 1e6:.1f}M "
+              f"parameters) trained {time.perf_counter() - started:.0f} s on {len(train)} smoke training prompts; "
+              f"answer loss {losses[0]:.2f} -> {losses[-1]:.2f}.")
+        distribution = DistributionPredictor(model, tokenizer, batch_size)
+        generate = GeneratePredictor(model, tokenizer, batch_size)
+        for predictor in (distribution, generate):  # warm-up: first-call allocations are not what we measure
+            predictor(items[:2])
+        median, rate = timed(f"{label}: {distribution.path}, median", distribution, items, args.repeats)
+        readings = distribution(items)
+        rows.append((median, rate))
+        for reading in ("mean", "argmax"):  # the same pass, read differently: the same speed
+            readings.reading = reading
+            rows.append((evaluate(f"{label}: {distribution.path}, {reading}", lambda batch: readings, items,
+                                  batched=True), rate))
+        rows.append(timed(f"{label}: greedy generation, batch {batch_size}", generate, items, args.repeats))
+        if label == "Llama 3.1":
+            rows.append(timed(f"{label}: greedy generation, batch 1", GeneratePredictor(model, tokenizer, 1),
+                              items, args.repeats))
+    print("Their MAEs compare decoders on one model per tokenizer, not the quality of a real LLM.\n")
+    print(f"{'decoder':<44}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
     for evaluation, rate in rows:
         metrics = evaluation.metrics
-        print(f"{evaluation.name:<36}{rate:>10.1f}{metrics['mae']:>10.2f}{metrics['n_failed']:>8}")
-    print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each, one forward pass is "
-          f"{number_rate / generate_rate:.1f}x faster than batched generation (batch size "
-          f"{profile.predict_batch_size}) and {number_rate / one_rate:.1f}x faster than generating one book "
-          "at a time. Argmax and expected price come from the same single pass.")
+        coverage = "-" if evaluation.reading == "point" else f"{metrics['coverage']:.0%}"
+        print(f"{evaluation.name:<44}{rate:>10.1f}{metrics['mae']:>10.2f}{metrics['n_failed']:>8}{coverage:>11}")
+    print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each; mean and argmax come from the "
+          "median's pass (same speed).")
 
 
 if __name__ == "__main__":

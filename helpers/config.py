@@ -84,6 +84,8 @@ ORANGE_DOLLARS, ORANGE_FRACTION = 80.0, 0.40  # close: off by less than $80 or l
 BOOTSTRAP_RESAMPLES = 1_000
 CONFIDENCE = 0.95
 PRICE_BUCKETS = (0, 10, 20, 50, 100, 200, math.inf)  # dollars, for the error-by-bucket chart
+INTERVAL_LEVEL = 0.80  # the central price interval a distribution predictor reports, and whose coverage is scored
+CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)  # interval levels of the calibration chart (nominal vs observed)
 
 # --- fine-tuning runs --------------------------------------------------------------------
 VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss

@@ -3,12 +3,20 @@
 A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
 (``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
 an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
-recorded with its reason, and never stops the evaluation.
+recorded with its reason, and never stops the evaluation. The exception to that rule is a
+*machine* failure (out of memory, a CUDA error): it says nothing about the model's answers,
+so it stops the evaluation with its message and a hint (:func:`is_machine_failure`).
 
 Metrics are computed over the successful predictions only; failures are reported
 separately (``n_failed`` and :attr:`Evaluation.failures`). The one exception is
 ``hit_rate``: greens divided by *all* items, so a failure counts as a miss and a model
 cannot raise its hit rate by refusing the hard books.
+
+A batched predictor may return a price *distribution* per book (any sequence of prices that also
+has ``reading``, the name of the point reading it holds, and ``interval(level) -> (low, high)``,
+like :class:`helpers.predict.PriceDistributions`): the harness then scores the coverage of its
+:data:`config.INTERVAL_LEVEL` interval and draws its calibration chart. The leaderboard compares
+every model with the best classical baseline by a paired bootstrap on the same books.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +40,8 @@ from helpers.storage import write_file_atomically
 
 # --- how good is a guess -------------------------------------------------------------------
 FAILURES_IN_SUMMARY = 3
-METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate")
+METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate", "coverage")
+POINT = "point"  # the reading of a predictor that answers one price per book
 
 ItemPredictor = Callable[[Item], object]
 BatchPredictor = Callable[[list[Item]], Sequence[object]]
@@ -56,6 +65,23 @@ def _describe_error(error: Exception) -> str:
     return f"raised {type(error).__name__}: {error}"
 
 
+_MACHINE_ERROR = re.compile(r"CUDA|CUBLAS|cuDNN|out of memory", re.IGNORECASE)
+
+
+def is_machine_failure(error: BaseException) -> bool:
+    """True for out-of-memory and CUDA/torch runtime errors: the machine failed, not the model's answer."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError
+            or (isinstance(error, RuntimeError) and bool(_MACHINE_ERROR.search(str(error)))))
+
+
+def _stop_on_machine_failure(name: str, error: Exception) -> None:
+    """Re-raise ``error`` (as a RuntimeError naming the fix) when it is a machine failure; else return."""
+    if is_machine_failure(error):
+        raise RuntimeError(f"Evaluating {name!r} stopped: {type(error).__name__}: {error}\nFix: lower the "
+                           "profile's predict_batch_size (get_profile(..., predict_batch_size=...)) or free "
+                           "the accelerator's memory, then run the evaluation again.") from error
+
+
 @dataclass
 class Evaluation:
     """One model's predictions on a list of items (NaN where a prediction failed)."""
@@ -64,6 +90,8 @@ class Evaluation:
     truths: np.ndarray
     predictions: np.ndarray
     failures: list[tuple[int, str]]
+    reading: str = POINT  # which reading of a distribution the predictions are, else "point"
+    intervals: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # level -> (low, high)
 
     @property
     def errors(self) -> np.ndarray:
@@ -79,17 +107,31 @@ class Evaluation:
             orange = (errors < config.ORANGE_DOLLARS) | (errors < config.ORANGE_FRACTION * truths)
         return np.where(green, "green", np.where(orange, "orange", "red")).tolist()
 
+    def coverage(self, level: float = config.INTERVAL_LEVEL) -> float:
+        """The share of books whose true price lies inside their ``level`` interval (NaN without intervals)."""
+        if level not in self.intervals:
+            return math.nan
+        low, high = self.intervals[level]
+        return float(np.mean((low <= self.truths) & (self.truths <= high)))
+
+    def calibration(self) -> pd.DataFrame:
+        """Nominal against observed coverage for every interval level the predictor gave."""
+        levels = sorted(self.intervals)
+        return pd.DataFrame({"nominal": levels, "observed": [self.coverage(level) for level in levels]})
+
     @property
     def metrics(self) -> dict[str, float | int]:
-        """n, n_failed, MAE with its bootstrap CI, median AE, RMSLE (successes only), hit rate (all items)."""
+        """n, n_failed, MAE with its bootstrap CI, median AE, RMSLE (successes only), hit rate (all items),
+        coverage of the :data:`config.INTERVAL_LEVEL` interval (NaN without intervals)."""
         ok = ~np.isnan(self.predictions)
         errors, truths, predictions = self.errors[ok], self.truths[ok], self.predictions[ok]
         n = len(self.truths)
         values: dict[str, float | int] = {
             "n": n, "n_failed": n - int(ok.sum()), "hit_rate": self.colors.count("green") / n if n else math.nan,
+            "coverage": self.coverage(),
         }
         if ok.any():
-            values["mae_ci_low"], values["mae_ci_high"] = bootstrap_mae_ci(errors)
+            values["mae_ci_low"], values["mae_ci_high"] = bootstrap_ci(errors)
             values["mae"] = float(errors.mean())
             values["median_ae"] = float(np.median(errors))
             values["rmsle"] = float(np.sqrt(np.mean((np.log1p(predictions) - np.log1p(truths)) ** 2)))
@@ -102,6 +144,8 @@ class Evaluation:
                 f"({config.CONFIDENCE:.0%} CI ${m['mae_ci_low']:.2f}-${m['mae_ci_high']:.2f}), "
                 f"median AE ${m['median_ae']:.2f}, RMSLE {m['rmsle']:.3f}, hits {m['hit_rate']:.0%} "
                 f"on {m['n']} items, {m['n_failed']} failed")
+        if self.reading != POINT:
+            line += f"; {self.reading} reading, {config.INTERVAL_LEVEL:.0%} interval covers {m['coverage']:.0%}"
         if self.failures:
             shown = "; ".join(f"#{index} {reason}" for index, reason in self.failures[:FAILURES_IN_SUMMARY])
             more = " ..." if len(self.failures) > FAILURES_IN_SUMMARY else ""
@@ -109,11 +153,15 @@ class Evaluation:
         return line
 
 
-def bootstrap_mae_ci(errors: np.ndarray) -> tuple[float, float]:
-    """Percentile-bootstrap interval (:data:`config.CONFIDENCE`) of the mean of ``errors``, seeded with config.SEED."""
+def bootstrap_ci(values: np.ndarray) -> tuple[float, float]:
+    """Percentile-bootstrap interval (:data:`config.CONFIDENCE`) of the mean of ``values``, seeded with config.SEED.
+
+    Given per-book differences of two models' absolute errors, it is the *paired* bootstrap of the
+    MAE difference: each resample keeps both models' answers on the same books together.
+    """
     rng = np.random.default_rng(config.SEED)
-    resamples = rng.integers(0, len(errors), size=(config.BOOTSTRAP_RESAMPLES, len(errors)))
-    means = errors[resamples].mean(axis=1)
+    resamples = rng.integers(0, len(values), size=(config.BOOTSTRAP_RESAMPLES, len(values)))
+    means = values[resamples].mean(axis=1)
     tail = (1 - config.CONFIDENCE) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
@@ -123,14 +171,17 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
              batched: bool = False) -> Evaluation:
     """Price ``items`` with ``predictor`` and keep every answer, good or failed.
 
-    Bad outputs never stop the run; only a batched predictor that returns the wrong number
-    of prices raises (``ValueError``), since that is a bug in the predictor, not a bad guess.
+    Bad outputs never stop the run. Two things raise: a batched predictor that returns the wrong
+    number of prices (``ValueError``, a bug in the predictor, not a bad guess), and a machine failure
+    such as out of memory (``RuntimeError`` with the original error as its cause).
     """
     outputs: list[tuple[object, str | None]]  # (value, reason it failed before returning)
+    reading, intervals = POINT, {}
     if batched:
         try:
             values = predictor(list(items))
-        except Exception as error:  # any failure of the model is a result to report
+        except Exception as error:  # any failure of the model is a result to report, unless the machine failed
+            _stop_on_machine_failure(name, error)
             outputs = [(None, _describe_error(error))] * len(items)
         else:
             count = len(values) if hasattr(values, "__len__") else None
@@ -140,12 +191,17 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
                 raise ValueError(f"Batched predictor {label} of {name!r} returned {got} for {len(items)} "
                                  f"items: it must return one price per item.")
             outputs = [(value, None) for value in values]
+            if callable(getattr(values, "interval", None)):  # a distribution: its reading and intervals
+                reading = str(values.reading)
+                intervals = {level: tuple(np.asarray(bound, dtype=float) for bound in values.interval(level))
+                             for level in sorted({config.INTERVAL_LEVEL, *config.CALIBRATION_LEVELS})}
     else:
         outputs = []
         for item in tqdm(items, desc=name, leave=False):
             try:
                 outputs.append((predictor(item), None))
-            except Exception as error:  # any failure of the model is a result to report
+            except Exception as error:  # any failure of the model is a result to report, unless the machine failed
+                _stop_on_machine_failure(name, error)
                 outputs.append((None, _describe_error(error)))
     predictions = np.full(len(items), np.nan)
     failures = []
@@ -155,7 +211,8 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
             failures.append((index, problem))
         else:
             predictions[index] = price
-    return Evaluation(name=name, truths=prices(items), predictions=predictions, failures=failures)
+    return Evaluation(name=name, truths=prices(items), predictions=predictions, failures=failures,
+                      reading=reading, intervals=intervals)
 
 
 # --- charts --------------------------------------------------------------------------------
@@ -211,52 +268,127 @@ def plot_error_by_bucket(evaluation: Evaluation, path: Path | None = None) -> Fi
     return save_figure(figure, path)
 
 
+def plot_calibration(evaluation: Evaluation, path: Path | None = None) -> Figure:
+    """Observed against nominal coverage of the predictor's central intervals; on the diagonal is calibrated."""
+    if not evaluation.intervals:
+        raise ValueError(f"{evaluation.name!r} gave no intervals: only a price distribution has a calibration.")
+    table = evaluation.calibration()
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--", label="calibrated")
+    axes.plot(table["nominal"], table["observed"], marker="o", color="steelblue", label="observed")
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="interval level (nominal coverage)",
+             ylabel="share of true prices inside (observed)", title=f"{evaluation.name}\n(n={len(evaluation.truths)})")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def chart_stem(name: str) -> str:
     """A file-name-safe form of a model name: ``"Bag of words + LR"`` -> ``"bag-of-words-lr"``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
 def save_charts(evaluation: Evaluation, profile: Profile) -> dict[str, Path]:
-    """Save both charts as PNGs under ``results/<profile>/charts``; return their paths by kind."""
+    """Save the charts as PNGs under ``results/<profile>/charts`` (calibration when there are intervals);
+    return their paths by kind."""
     folder = profile.results_dir / "charts"
     stem = chart_stem(evaluation.name)
     paths = {"scatter": folder / f"{stem}-scatter.png", "error_by_bucket": folder / f"{stem}-error-by-bucket.png"}
     plot_scatter(evaluation, paths["scatter"])
     plot_error_by_bucket(evaluation, paths["error_by_bucket"])
+    if evaluation.intervals:
+        paths["calibration"] = folder / f"{stem}-calibration.png"
+        plot_calibration(evaluation, paths["calibration"])
     return paths
 
 
 # --- the leaderboard -----------------------------------------------------------------------
 class Leaderboard:
-    """Every model's metrics in one CSV, one row per model name (a re-run replaces its row)."""
+    """Every model's metrics in one CSV, one row per model name (a re-run replaces its row), and every
+    model's per-book predictions in a second CSV next to it (``<stem>-predictions.csv``) for paired comparisons.
+
+    The reference of the paired comparison is the best *classical baseline*: the lowest-MAE row recorded
+    with ``train_items`` (notebook 02 records every baseline so).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.predictions_path = self.path.with_name(f"{self.path.stem}-predictions.csv")
 
     def _rows(self) -> pd.DataFrame:
         if not self.path.exists():
-            return pd.DataFrame(columns=["name", *METRIC_COLUMNS])
+            return pd.DataFrame(columns=["name", *METRIC_COLUMNS, "reading"])
         return pd.read_csv(self.path, dtype={"name": str})
 
+    def predictions(self) -> pd.DataFrame:
+        """One row per book: ``truth``, then one column of predictions per model (NaN where it failed)."""
+        return pd.read_csv(self.predictions_path) if self.predictions_path.exists() else pd.DataFrame()
+
     def record(self, evaluation: Evaluation, **extra: object) -> None:
-        """Write ``evaluation``'s metrics (and ``extra`` columns), replacing any row of the same name."""
-        new = pd.DataFrame([{"name": evaluation.name, **evaluation.metrics, **extra}])
+        """Write ``evaluation``'s metrics, reading (and ``extra`` columns), replacing any row of the same name,
+        and its per-book predictions (a different set of books starts the predictions file afresh)."""
+        new = pd.DataFrame([{"name": evaluation.name, **evaluation.metrics, "reading": evaluation.reading, **extra}])
         kept = self._rows()
         kept = kept[kept["name"] != evaluation.name]
         rows = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        books = self.predictions()
+        if "truth" not in books or not np.array_equal(books["truth"].to_numpy(), evaluation.truths):
+            books = pd.DataFrame({"truth": evaluation.truths})
+        books[evaluation.name] = evaluation.predictions
+        write_file_atomically(self.predictions_path, lambda tmp: books.to_csv(tmp, index=False))
         write_file_atomically(self.path, lambda tmp: rows.to_csv(tmp, index=False))
 
+    def reference(self) -> str | None:
+        """The best classical baseline (lowest MAE among rows with ``train_items``), or None."""
+        rows = self._rows()
+        if "train_items" not in rows:
+            return None
+        baselines = rows[rows["train_items"].notna()].dropna(subset=["mae"]).sort_values("mae", kind="stable")
+        return None if baselines.empty else str(baselines["name"].iloc[0])
+
+    def paired(self, name: str, reference: str) -> tuple[float, float, float]:
+        """MAE of ``name`` minus MAE of ``reference`` on the books both priced, and its paired-bootstrap CI
+        (negative: ``name`` errs less); NaNs when either has no predictions on these books."""
+        books = self.predictions()
+        if name not in books or reference not in books:
+            return math.nan, math.nan, math.nan
+        truths = books["truth"].to_numpy()
+        difference = (np.abs(books[name].to_numpy() - truths) - np.abs(books[reference].to_numpy() - truths))
+        difference = difference[~np.isnan(difference)]
+        if not len(difference):
+            return math.nan, math.nan, math.nan
+        return (float(difference.mean()), *bootstrap_ci(difference))
+
     def table(self) -> pd.DataFrame:
-        """All rows, best (lowest) MAE first."""
-        return self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
+        """All rows, best (lowest) MAE first, with each row's paired MAE difference against :meth:`reference`
+        (``vs_reference``, ``diff``, ``diff_ci_low``, ``diff_ci_high``)."""
+        rows = self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
+        rows = rows.reindex(columns=list(dict.fromkeys(["name", *METRIC_COLUMNS, "reading", *rows.columns])))
+        rows["reading"] = rows["reading"].fillna(POINT)
+        reference = self.reference()
+        rows["vs_reference"] = reference
+        paired = [self.paired(name, reference) if reference else (math.nan,) * 3 for name in rows["name"]]
+        columns = ["diff", "diff_ci_low", "diff_ci_high"]
+        rows[columns] = pd.DataFrame(paired, index=rows.index, columns=columns, dtype=float)
+        return rows
 
     def markdown(self) -> str:
-        """The table as Markdown, best first: MAE with its interval, median error, RMSLE, hit rate."""
-        lines = ["| model | MAE ($) | 95% CI ($) | median AE ($) | RMSLE | hit rate | failed |",
-                 "|---|---|---|---|---|---|---|"]
-        for row in self.table().itertuples():
-            lines.append(f"| {row.name} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | "
-                         f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
+        """The table as Markdown, best first: MAE with its interval, the paired difference against the best
+        classical baseline, median error, RMSLE, hit rate, interval coverage, the reading, failures."""
+        table = self.table()
+        reference = table["vs_reference"].iloc[0] if len(table) else None
+        versus = f"vs {reference} ({config.CONFIDENCE:.0%} CI)" if reference else "vs best baseline"
+        lines = [f"| model | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | {versus} ($) | median AE ($) | RMSLE | "
+                 f"hit rate | {config.INTERVAL_LEVEL:.0%} interval coverage | reading | failed |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in table.itertuples():
+            paired = ("reference" if row.name == reference else "-" if math.isnan(row.diff) else
+                      f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to {row.diff_ci_high:+.2f})")
+            coverage = "-" if math.isnan(row.coverage) else f"{row.coverage:.0%}"
+            lines.append(f"| {row.name} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | {paired} | "
+                         f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {coverage} | {row.reading} | "
+                         f"{row.n_failed} of {row.n} |")
         return "\n".join(lines)
 
     def plot(self, path: Path | None = None) -> Figure:

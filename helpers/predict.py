@@ -1,25 +1,32 @@
 """Turn a language model into a batched price predictor for the evaluation harness.
 
-Two decoders, both reading the prompt that ends with "Price is $":
+:class:`DistributionPredictor` reads the model's whole distribution over the prices 1..999 after
+the prompt that ends with "Price is $", by the path the tokenizer allows:
 
-* :class:`NumberTokenPredictor`: when the tokenizer writes every whole number 1..999 as ONE
-  token (Llama 3.1 does), one forward pass reads the next-token distribution over those
-  999 tokens: its argmax is a price, and its probability-weighted mean another;
-* :class:`GeneratePredictor`: greedy generation of a few tokens, parsed as a number; it works
-  with any tokenizer, including those that split numbers into digits (SmolLM2 does).
+* single-token numbers (Llama 3.1 writes every number 1..999 as ONE token): one forward pass, the
+  next-token softmax over those 999 tokens;
+* digit tokenizers (SmolLM2, Qwen, Gemma, Mistral write "21" as "2", "1"): the chain rule over
+  the digit tree, P(d1) P(d2|d1) P(d3|d1 d2), with P(end | digits) read from the "." that follows
+  a price ("21.00"), from one prompt pass and two batched single-token steps on its KV cache.
 
-Both predictors are called as ``predictor(items) -> list[price | None]``; use them with
-``evaluate(name, predictor, items, batched=True)``.
+Its readings (:class:`PriceDistributions`): the median (the answer that minimises the expected
+absolute error, the default), the mean, the argmax, and central intervals. :class:`GeneratePredictor`
+(greedy generation, parsed as a number) works with any tokenizer; it is the benchmark's reference
+and the fallback for a tokenizer that fits neither path. Every predictor is called as
+``predictor(items)``; use it with ``evaluate(name, predictor, items, batched=True)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import re
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,58 +69,168 @@ def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device:
     return tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
 
 
+def digit_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], int] | None:
+    """``(ids of the digits 0..9, id of ".")`` if the tokenizer writes a price digit by digit after
+    "Price is $" ("21.00" -> "2", "1", ".", ...), else None."""
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in [*"0123456789", "."]]
+    if any(len(encoded) != 1 for encoded in ids):
+        return None
+    digits, end = [encoded[0] for encoded in ids[:10]], ids[10][0]
+    prefix = tokenizer.encode(config.ANSWER_PREFIX, add_special_tokens=False)
+    written = tokenizer.encode(f"{config.ANSWER_PREFIX}905.", add_special_tokens=False)
+    return (digits, end) if written == [*prefix, digits[9], digits[0], digits[5], end] else None
+
+
+Reading = Literal["median", "mean", "argmax"]
+_PRICES = np.arange(1, LARGEST_PRICE + 1, dtype=float)
+
+
 @dataclass
-class NumberPredictions:
-    """The two readings of the next-token distribution over the numbers 1..999."""
+class PriceDistributions(Sequence):
+    """P(price = n) for n in 1..999, one row per book, and its readings.
 
-    argmax: np.ndarray  # the single most likely whole-dollar price
-    expected: np.ndarray  # the probability-weighted mean price
-
-
-class NumberTokenPredictor:
-    """One forward pass per batch: the next-token distribution restricted to the numbers 1..999.
-
-    Calling it returns the argmax, the price greedy generation would write, only faster;
-    :meth:`predict` returns both readings (argmax and expected price) from one pass.
+    As a sequence it holds one price per book, the chosen ``reading``; the evaluation harness also
+    reads :meth:`interval` from it to score the intervals' coverage.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
-        ids = number_token_ids(tokenizer)
-        if ids is None:
-            raise ValueError(f"{type(tokenizer).__name__} (vocabulary {len(tokenizer):,}) does not write every "
-                             f"number 1..{LARGEST_PRICE} as a single token, so one forward pass cannot read a "
-                             "price: use GeneratePredictor (or llm_predictor, which picks it for you).")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.number_ids = torch.tensor(ids)
-        self.prices = torch.arange(1, LARGEST_PRICE + 1, dtype=torch.float32)
+    probabilities: np.ndarray  # (books, 999); row b, column n-1: P(price = n), each row sums to 1
+    reading: Reading = "median"
 
-    def distribution(self, prompts: list[str]) -> torch.Tensor:
-        """``(len(prompts), 999)`` probabilities of the next token being 1..999 (renormalised)."""
-        device = self.model.device
-        rows = torch.empty(len(prompts), LARGEST_PRICE)
+    def quantile(self, level: float) -> np.ndarray:
+        """Per book, the smallest price n with P(price <= n) >= ``level``."""
+        reached = np.cumsum(self.probabilities, axis=1) >= level - 1e-9  # float tolerance
+        return (reached.argmax(axis=1) + 1).astype(float)
+
+    @property
+    def median(self) -> np.ndarray:
+        """The 50% quantile: the answer with the lowest expected absolute error."""
+        return self.quantile(0.5)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The probability-weighted mean price (the answer with the lowest expected squared error)."""
+        return self.probabilities @ _PRICES
+
+    @property
+    def argmax(self) -> np.ndarray:
+        """The single most likely whole-dollar price."""
+        return (self.probabilities.argmax(axis=1) + 1).astype(float)
+
+    def interval(self, level: float = config.INTERVAL_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+        """The central ``level`` interval per book: its (1-level)/2 and (1+level)/2 quantiles."""
+        return self.quantile((1 - level) / 2), self.quantile((1 + level) / 2)
+
+    def plot(self, index: int = 0, truth: float | None = None, level: float = config.INTERVAL_LEVEL) -> Figure:
+        """Book ``index``'s distribution on a log price axis, with its readings, its ``level`` interval and
+        (if given) the true price."""
+        figure = Figure(figsize=(8, 3.5))
+        axes = figure.subplots()
+        axes.bar(_PRICES, self.probabilities[index], width=0.08 * _PRICES, color="steelblue", label="P(price)")
+        low, high = (bound[index] for bound in self.interval(level))
+        axes.axvspan(low, high, color="steelblue", alpha=0.12, label=f"{level:.0%} interval ${low:.0f}-${high:.0f}")
+        marks = [("median", self.median[index], "black", "-"), ("mean", self.mean[index], "darkorange", "--"),
+                 ("argmax", self.argmax[index], "purple", ":")]
+        if truth is not None:
+            marks.append(("truth", truth, "green", "-"))
+        for name, price, color, style in marks:
+            axes.axvline(price, color=color, linestyle=style, linewidth=1.5, label=f"{name} ${price:.0f}")
+        axes.set(xscale="log", xlim=(1, LARGEST_PRICE), xlabel="price ($)", ylabel="probability",
+                 title="The model's price distribution for one book")
+        axes.legend(fontsize=8, loc="upper right")
+        figure.tight_layout()
+        return figure
+
+    @property
+    def prices(self) -> np.ndarray:
+        """The chosen reading, one price per book."""
+        return getattr(self, self.reading)
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, index: int) -> float:
+        return float(self.prices[index])
+
+    def __iter__(self) -> Iterator[float]:  # the reading computed once, not once per book
+        return iter(self.prices.tolist())
+
+
+class DistributionPredictor:
+    """P(price = n), n in 1..999, per book, from any causal LM whose tokenizer writes a price either
+    as one token (every number 1..999 a single token) or digit by digit.
+
+    Digit path: P(n) is proportional to P(digits of n, then "." | prompt) for n < 100 and to
+    P(digits of n | prompt) for n >= 100 (a fourth digit would leave 1..999); the 999 values are
+    renormalised to sum to 1, as the single-token path renormalises the 999 number tokens. Each book
+    costs one prompt pass, then 9 and 90 continuations in two batched single-token steps on its
+    KV cache (one book at a time: the 90 rows of its cache are the batch).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 reading: Reading = "median") -> None:
+        self.model, self.tokenizer, self.batch_size, self.reading = model, tokenizer, batch_size, reading
+        self.number_ids = number_token_ids(tokenizer)
+        self.digits = None if self.number_ids is not None else digit_token_ids(tokenizer)
+        if self.number_ids is None and self.digits is None:
+            raise ValueError(f"{type(tokenizer).__name__} (vocabulary {len(tokenizer):,}) writes prices neither as "
+                             f"single tokens 1..{LARGEST_PRICE} nor digit by digit, so no distribution can be read: "
+                             "use GeneratePredictor (or llm_predictor, which picks it for you).")
+
+    @property
+    def path(self) -> str:
+        """``"single-token"`` or ``"digit tree"``."""
+        return "single-token" if self.number_ids is not None else "digit tree"
+
+    def distribution(self, prompts: list[str]) -> np.ndarray:
+        """``(len(prompts), 999)`` probabilities of the prices 1..999 (each row renormalised to sum to 1)."""
+        rows = np.empty((len(prompts), LARGEST_PRICE))
         with torch.inference_mode():
-            for batch in _batches(prompts, self.batch_size, "Forward passes"):
-                inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], device)
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-                rows[batch] = torch.softmax(logits[:, self.number_ids.to(device)].float(), dim=-1).cpu()
+            if self.number_ids is not None:
+                ids = torch.tensor(self.number_ids, device=self.model.device)
+                for batch in _batches(prompts, self.batch_size, "Forward passes"):
+                    inputs = _left_padded(self.tokenizer, [prompts[index] for index in batch], self.model.device)
+                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
+                    rows[batch] = torch.softmax(logits[:, ids].double(), dim=-1).cpu().numpy()
+            else:
+                for index in tqdm(range(len(prompts)), desc="Digit trees", unit="book", leave=False):
+                    rows[index] = torch.softmax(self._digit_tree_scores(prompts[index]), dim=-1).cpu().numpy()
         return rows
 
-    def predict(self, items: list[Item]) -> NumberPredictions:
-        """Both readings for ``items`` from one forward pass."""
-        probabilities = self.distribution([item.test_prompt for item in items])
-        return NumberPredictions(
-            argmax=(probabilities.argmax(dim=-1) + 1).numpy().astype(float),
-            expected=(probabilities @ self.prices).numpy().astype(float),
-        )
+    def _step(self, tokens: torch.Tensor, cache: object, length: int) -> tuple[torch.Tensor, object]:
+        """One single-token step for each row of ``tokens`` on ``cache`` (``length`` tokens so far)."""
+        rows = len(tokens)
+        output = self.model(input_ids=tokens.view(rows, 1), past_key_values=cache, use_cache=True,
+                            attention_mask=torch.ones(rows, length + 1, dtype=torch.long, device=tokens.device),
+                            position_ids=torch.full((rows, 1), length, device=tokens.device))
+        return torch.log_softmax(output.logits[:, -1, :].double(), dim=-1), output.past_key_values
 
-    def argmax(self, items: list[Item]) -> list[float]:
-        return self.predict(items).argmax.tolist()
+    def _digit_tree_scores(self, prompt: str) -> torch.Tensor:
+        """log P(n written, then its end) for n = 1..999 (not normalised), from one prompt pass."""
+        digit_ids, end = self.digits
+        device = self.model.device
+        digits = torch.tensor(digit_ids, device=device)
+        inputs = self.tokenizer(prompt, return_tensors="pt").to(device)
+        length = inputs["input_ids"].shape[1]
+        output = self.model(**inputs, use_cache=True)
+        first = torch.log_softmax(output.logits[0, -1, :].double(), dim=-1)[digits[1:]]  # (9,) d1 = 1..9
+        cache = output.past_key_values
+        cache.batch_repeat_interleave(9)
+        after_one, cache = self._step(digits[1:], cache, length)  # (9, vocab): after d1
+        cache.batch_repeat_interleave(10)
+        after_two, _ = self._step(digits.repeat(9), cache, length + 1)  # (90, vocab): after d1 d2
+        two = first[:, None] + after_one[:, digits]  # (9, 10): log P(d1 d2)
+        return torch.cat([
+            first + after_one[:, end],  # 1..9
+            (two + after_two[:, end].view(9, 10)).flatten(),  # 10..99
+            (two[:, :, None] + after_two[:, digits].view(9, 10, 10)).flatten(),  # 100..999
+        ])
 
-    def expected(self, items: list[Item]) -> list[float]:
-        return self.predict(items).expected.tolist()
+    def predict(self, items: list[Item]) -> PriceDistributions:
+        """The price distribution of each item, read by this predictor's ``reading``."""
+        return PriceDistributions(self.distribution([item.test_prompt for item in items]), self.reading)
 
-    def __call__(self, items: list[Item]) -> list[float]:
-        return self.argmax(items)
+    def __call__(self, items: list[Item]) -> PriceDistributions:
+        return self.predict(items)
 
 
 class GeneratePredictor:
@@ -143,17 +260,12 @@ class GeneratePredictor:
         return [parse_price(text) for text in self.generate([item.test_prompt for item in items])]
 
 
-def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                  profile: config.Profile) -> NumberTokenPredictor | GeneratePredictor:
-    """The fastest predictor the tokenizer allows.
-
-    Llama 3.1 (full profile) writes every number 1..999 as one token, so a single forward
-    pass prices a whole batch (:class:`NumberTokenPredictor`). SmolLM2 (smoke profile)
-    splits "21" into "2" and "1", so no single next token can hold a price: it takes the
-    generate path (:class:`GeneratePredictor`), a few decoding steps per batch.
-    """
-    if number_token_ids(tokenizer) is not None:
-        return NumberTokenPredictor(model, tokenizer, profile.predict_batch_size)
+def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, profile: config.Profile,
+                  reading: Reading = "median") -> DistributionPredictor | GeneratePredictor:
+    """The price distribution when the tokenizer allows it (single-token numbers or digits), read by ``reading``;
+    greedy generation (:class:`GeneratePredictor`) for any other tokenizer."""
+    if number_token_ids(tokenizer) is not None or digit_token_ids(tokenizer) is not None:
+        return DistributionPredictor(model, tokenizer, profile.predict_batch_size, reading)
     return GeneratePredictor(model, tokenizer, profile.predict_batch_size)
 
 

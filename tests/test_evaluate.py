@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_item
 from matplotlib.figure import Figure
 
+from helpers import config
 from helpers.config import Profile, get_profile
 from helpers.evaluate import (
     Evaluation,
@@ -16,11 +18,14 @@ from helpers.evaluate import (
     chart_stem,
     eval_items,
     evaluate,
+    is_machine_failure,
     leaderboard,
+    plot_calibration,
     plot_error_by_bucket,
     plot_scatter,
     save_charts,
 )
+from helpers.predict import PriceDistributions
 
 
 def scored(truths: list[float], predictions: list[float], name: str = "model") -> Evaluation:
@@ -99,19 +104,39 @@ def test_bad_predictions_are_counted_not_crashed() -> None:
     assert "7 failed" in summary and "model crashed" in summary
 
 
-def test_batched_predictor_failures() -> None:
+def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
     items = [make_item(asin=str(index)) for index in range(3)]
 
     def broken(batch):
-        raise MemoryError("GPU out of memory")
+        raise ValueError("cannot parse the prompt")
 
     evaluation = evaluate("broken", broken, items, batched=True)
     assert [index for index, _ in evaluation.failures] == [0, 1, 2]
-    assert all("GPU out of memory" in reason for _, reason in evaluation.failures)
+    assert all("cannot parse the prompt" in reason for _, reason in evaluation.failures)
 
     partial = evaluate("partial", lambda batch: np.array([10.0, np.nan, -1.0]), items, batched=True)
     assert [index for index, _ in partial.failures] == [1, 2]
     assert partial.predictions[0] == 10.0
+    answers = evaluate("answers", lambda batch: [None, "twelve", math.inf], items, batched=True)
+    assert answers.metrics["n_failed"] == 3
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: device-side assert triggered"),
+    MemoryError("Unable to allocate 12.0 GiB"),
+])
+@pytest.mark.parametrize("batched", [True, False])
+def test_machine_failures_stop_the_evaluation_with_the_fix(error: Exception, batched: bool) -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def out_of_memory(_):
+        raise error
+
+    with pytest.raises(RuntimeError, match="predict_batch_size") as raised:
+        evaluate("big model", out_of_memory, items, batched=batched)
+    assert str(error) in str(raised.value) and raised.value.__cause__ is error
+    assert is_machine_failure(error) and not is_machine_failure(RuntimeError("model crashed"))
 
 
 def test_batched_predictor_of_wrong_length_is_a_programming_error() -> None:
@@ -132,7 +157,8 @@ def test_leaderboard_replaces_a_rerun_and_sorts_by_mae(tmp_path) -> None:
     assert table["name"].tolist() == ["good", "first try"]
     assert table["mae"].tolist() == pytest.approx([1.0, 2.0])
     assert table.loc[1, "train_items"] == 91
-    assert [path.name for path in board.path.parent.iterdir()] == ["leaderboard.csv"]  # no temp files left
+    assert sorted(path.name for path in board.path.parent.iterdir()) == [
+        "leaderboard-predictions.csv", "leaderboard.csv"]  # no temp files left
     assert isinstance(board.plot(tmp_path / "board.png"), Figure)
     assert (tmp_path / "board.png").stat().st_size > 0
 
@@ -144,6 +170,55 @@ def test_leaderboard_prints_markdown_best_first(tmp_path) -> None:
     lines = board.markdown().splitlines()
     assert lines[0].startswith("| model | MAE ($)") and len(lines) == 4
     assert lines[2].startswith("| good | 1.00 |") and lines[3].startswith("| bad | 25.00 |")
+    assert lines[2].endswith("| - | point | 0 of 2 |")  # no intervals, no baseline to compare with
+
+
+def distribution_predictor(probabilities: np.ndarray, reading: str = "median"):
+    """A batched predictor that answers the given price distributions (one row per book)."""
+    return lambda batch: PriceDistributions(probabilities[: len(batch)], reading)
+
+
+def test_a_distribution_gives_its_reading_coverage_and_calibration(tmp_path) -> None:
+    probabilities = np.zeros((4, 999))
+    probabilities[:, [9, 19, 29, 39, 49]] = 0.2  # $10..$50, 20% each: the 80% interval is $10-$50
+    items = [make_item(asin=str(index), price=price) for index, price in enumerate([20.0, 35.0, 60.0, 10.0])]
+    evaluation = evaluate("spread", distribution_predictor(probabilities), items, batched=True)
+    assert evaluation.reading == "median" and evaluation.predictions.tolist() == [30.0] * 4
+    assert evaluation.metrics["coverage"] == pytest.approx(0.75)  # $60 is outside $10-$50
+    calibration = evaluation.calibration()
+    assert calibration["nominal"].tolist() == sorted({config.INTERVAL_LEVEL, *config.CALIBRATION_LEVELS})
+    assert calibration["observed"].between(0, 1).all()
+    assert "median reading, 80% interval covers 75%" in evaluation.summary()
+    assert isinstance(plot_calibration(evaluation, tmp_path / "calibration.png"), Figure)
+    mean = evaluate("spread", distribution_predictor(probabilities, "mean"), items, batched=True)
+    assert mean.reading == "mean" and mean.predictions.tolist() == pytest.approx([30.0] * 4)
+    point = scored([20.0], [30.0])
+    assert point.reading == "point" and math.isnan(point.metrics["coverage"])
+    with pytest.raises(ValueError, match="no intervals"):
+        plot_calibration(point)
+
+
+def test_paired_bootstrap_against_the_best_classical_baseline(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    rng = np.random.default_rng(1)
+    truths = list(rng.uniform(5, 100, 40))
+    baseline = [truth + error for truth, error in zip(truths, rng.choice([-6.0, 6.0], 40))]  # always $6 off
+    board.record(scored(truths, [truth + 30 for truth in truths], name="weak baseline"), train_items=10)
+    board.record(scored(truths, baseline, name="strong baseline"), train_items=10)
+    board.record(scored(truths, [truth + 4 for truth in truths], name="LLM"))  # always $4 off
+    assert board.reference() == "strong baseline"
+    table = board.table().set_index("name")
+    assert table.loc["LLM", "diff"] == pytest.approx(-2.0)
+    assert table.loc["LLM", ["diff_ci_low", "diff_ci_high"]].tolist() == pytest.approx([-2.0, -2.0])
+    assert table.loc["weak baseline", "diff"] == pytest.approx(24.0)
+    noisy = [truth + error for truth, error in zip(truths, rng.normal(0, 8, 40))]
+    board.record(scored(truths, noisy, name="noisy LLM"))
+    low, high = board.table().set_index("name").loc["noisy LLM", ["diff_ci_low", "diff_ci_high"]]
+    assert low < board.paired("noisy LLM", "strong baseline")[0] < high
+    lines = board.markdown().splitlines()
+    assert "vs strong baseline (95% CI) ($)" in lines[0]
+    assert "| LLM | 4.00 |" in lines[2] and "| -2.00 (-2.00 to -2.00) |" in lines[2]
+    assert any(line.startswith("| strong baseline |") and "| reference |" in line for line in lines)
 
 
 def test_profile_paths_and_the_fixed_eval_subset() -> None:

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import assets, config, finetune, plan
 from helpers.curate import curate
-from helpers.predict import NumberTokenPredictor, load_finetuned
+from helpers.predict import DistributionPredictor, load_finetuned
 
 LAYERS = 1
 TRAIN_BOOKS = 12  # a seeded subset: 11 to train on, 1 for the eval loss
@@ -91,9 +91,9 @@ def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile,
 
     model, tokenizer = load_finetuned(full_profile, result.adapter_dir)
     books = finetune.load_curated(full_profile)[1][:4]
-    predictions = NumberTokenPredictor(model, tokenizer, batch_size=2).predict(books)
+    predictions = DistributionPredictor(model, tokenizer, batch_size=2).predict(books)
     assert ((1 <= predictions.argmax) & (predictions.argmax <= 999)).all()
-    assert ((1 <= predictions.expected) & (predictions.expected <= 999)).all()
+    assert ((1 <= predictions.mean) & (predictions.mean <= 999)).all()
 
 
 def test_the_gpu_benchmark_runs_in_its_cpu_mode(llama_8b_widths):
