@@ -18,11 +18,11 @@ and the fallback for a tokenizer that fits neither path. Every predictor is call
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
