@@ -337,19 +337,20 @@ def _finished(profile: config.Profile, the_plan: plan.TrainingPlan, run_dir: Pat
 
 
 def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = True,
-          device: Device | None = None) -> TrainingResult:
+          device: Device | None = None, planned: plan.TrainingPlan | None = None) -> TrainingResult:
     """Fine-tune the profile's base model on its curated train items; save adapter and run card.
 
     On a GPU the per-device batch is fitted to its memory (the effective batch is kept, see
     :func:`helpers.plan.fit_batch`). With ``resume`` (the default) an interrupted run continues
     from its newest complete checkpoint in ``run_dir/checkpoints``, and a run that already
-    reached its last step is not trained again. The Trainer shows its own progress bar.
+    reached its last step is not trained again. ``planned``: the :func:`training_plan` already
+    made for this profile and device (else it is made here). The Trainer shows its own progress bar.
     """
     device = device or detect_device()
     run_dir = Path(run_dir or default_run_dir(profile))
     checkpoints_dir = run_dir / "checkpoints"
     train_items, validation_items = training_items(profile)
-    the_plan = training_plan(profile, device, train_items)
+    the_plan = planned or training_plan(profile, device, train_items)
     profile = replace(profile, training=the_plan.training)
     resumed_from = last_complete_checkpoint(checkpoints_dir) if resume else None
     state = TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)) if resumed_from else None

@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {name: value for name, value in (("max_steps", args.max_steps), ("save_steps", args.save_steps))
                  if value is not None}
     profile = replace(profile, training=replace(profile.training, **overrides))
-    print(finetune.training_plan(profile), flush=True)
+    planned = finetune.training_plan(profile)
+    print(planned, flush=True)
     if args.plan_only:
         return
-    result = finetune.train(profile, run_dir=args.output_dir, resume=not args.no_resume)
+    result = finetune.train(profile, run_dir=args.output_dir, resume=not args.no_resume, planned=planned)
     card = result.run_card
     print(result.message())
     if result.status != "finished":
