@@ -153,7 +153,7 @@ class TrainingConfig:
     save_steps: int = 500
     eval_steps: int = 500
     logging_steps: int = 25
-    report_to: str = "none"  # "wandb" or "tensorboard" to log
+    report_to: str = "tensorboard"  # offline, in the run folder; "tensorboard,wandb" adds W&B; "none" logs nothing
     push_to_hub: bool = False
 
 

@@ -38,7 +38,7 @@ from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from helpers import assets, config, plan
+from helpers import assets, config, plan, tracking
 from helpers.curate import load_curated, load_manifest
 from helpers.environment import Device, detect_device
 from helpers.evaluate import save_figure
@@ -117,10 +117,16 @@ def lora_config(training: config.TrainingConfig) -> LoraConfig:
     )
 
 
-def sft_config(profile: config.Profile, output_dir: Path, device: Device | None = None) -> SFTConfig:
-    """Trainer settings from the profile's :class:`TrainingConfig`; precision follows the device."""
+def sft_config(profile: config.Profile, output_dir: Path, device: Device | None = None,
+               run_name: str | None = None) -> SFTConfig:
+    """Trainer settings from the profile's :class:`TrainingConfig`; precision follows the device.
+
+    TensorBoard is not in the Trainer's ``report_to``: :func:`make_trainer` adds its logger itself, so
+    that the curves live in the run folder (see :mod:`helpers.tracking`).
+    """
     training = profile.training
     dtype = compute_dtype(device)
+    hosted = [name for name in tracking.trackers(training.report_to) if name != tracking.TENSORBOARD]
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=training.epochs,
@@ -145,7 +151,8 @@ def sft_config(profile: config.Profile, output_dir: Path, device: Device | None 
         save_total_limit=config.SAVE_TOTAL_LIMIT,
         logging_steps=training.logging_steps,
         include_num_input_tokens_seen="non_padding",
-        report_to=training.report_to,
+        report_to=hosted or "none",
+        run_name=run_name,
         push_to_hub=training.push_to_hub,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
         seed=config.SEED,
@@ -197,17 +204,24 @@ def keep_4bit_weights_differentiable(model: PreTrainedModel) -> None:
 
 
 def make_trainer(profile: config.Profile, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 train_items: list[Item], eval_items: list[Item], output_dir: Path,
-                 device: Device | None = None) -> SFTTrainer:
-    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh float32 LoRA adapter, precision from ``device``."""
+                 train_items: list[Item], eval_items: list[Item], run_dir: Path,
+                 device: Device | None = None, resumed_step: int | None = None) -> SFTTrainer:
+    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh float32 LoRA adapter, precision from ``device``.
+
+    Checkpoints go to ``run_dir/checkpoints``; with TensorBoard in ``report_to``, the curves go to
+    ``run_dir/tensorboard`` (``resumed_step``: the step of the checkpoint the run resumes from, if any).
+    """
+    run_dir = Path(run_dir)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, lora_config(profile.training))
+    logs = tracking.TENSORBOARD in tracking.trackers(profile.training.report_to)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(profile, output_dir, device),
+        args=sft_config(profile, run_dir / "checkpoints", device, run_name=run_dir.name),
         train_dataset=sft_dataset(train_items),
         eval_dataset=sft_dataset(eval_items),
         processing_class=tokenizer,
+        callbacks=[tracking.tensorboard_callback(run_dir, resumed_step)] if logs else None,
     )
     keep_adapter_in_float32(trainer.model)
     keep_4bit_weights_differentiable(trainer.model)
@@ -358,7 +372,8 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
         return _finished(profile, the_plan, run_dir, resumed_from, state, len(validation_items))
 
     model, tokenizer = load_base_model(profile)
-    trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, checkpoints_dir, device)
+    trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, run_dir, device,
+                           resumed_step=state.global_step if state else None)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()

@@ -17,7 +17,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.trainer_callback import TrainerState
 
-from helpers import assets, config, finetune, plan
+from helpers import assets, config, finetune, plan, tracking
 from helpers.curate import curate, load_curated
 
 RESUME_MAX_STEPS, RESUME_SAVE_STEPS = 6, 2
@@ -227,3 +227,11 @@ def test_a_run_saves_its_adapter_and_run_card(interrupted_run):
     final = TrainerState.load_from_json(str(run_dir / "checkpoints" / f"checkpoint-{RESUME_MAX_STEPS}"
                                             / finetune.TRAINER_STATE))
     assert card["planned_steps"] == final.max_steps == RESUME_MAX_STEPS
+
+
+def test_a_resumed_run_logs_one_tensorboard_curve_in_its_folder(interrupted_run):
+    run_dir, _ = interrupted_run
+    scalars = tracking.read_scalars(run_dir)
+    assert scalars.query("tag == 'train/loss'")["step"].tolist() == list(range(1, RESUME_MAX_STEPS + 1))
+    evals = scalars.query("tag == 'eval/loss'")["step"].tolist()  # before training, on resuming, at the end
+    assert evals[0] == 0 and evals[-1] == RESUME_MAX_STEPS and evals == sorted(set(evals))
