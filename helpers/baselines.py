@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import joblib
 import numpy as np
 from sklearn.base import RegressorMixin
 from sklearn.compose import TransformedTargetRegressor
@@ -26,8 +28,11 @@ from sklearn.pipeline import FeatureUnion, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from helpers import config
+from helpers.curate import load_curated, load_manifest
+from helpers.evaluate import chart_stem
 from helpers.features import MeanWordVectors, hand_features, item_texts
 from helpers.items import Item, prices
+from helpers.storage import write_file_atomically
 
 BOW_MAX_FEATURES = 1_000  # the 1,000 most frequent words (stop words out)
 RIDGE_ALPHA = 1.0
@@ -138,3 +143,33 @@ BASELINES: dict[str, Callable[[list[Item], int], Predictor]] = {
     "Word2Vec + linear regression": fit_word2vec,
     "Gradient boosting (text + features)": fit_gradient_boosting,
 }
+
+
+# --- fitted baselines on disk: notebook 02 saves them, the demo loads the best one ------------
+def saved_path(name: str, profile: config.Profile) -> Path:
+    """Where baseline ``name`` fitted on ``profile``'s data is saved: ``runs/<profile>/baselines/<name>.joblib``."""
+    return profile.runs_dir / "baselines" / f"{chart_stem(name)}.joblib"
+
+
+def _data_key(profile: config.Profile) -> dict:
+    """What a saved baseline was fitted on: the curated train split's hash and the subset size."""
+    return {"train_sha256": load_manifest(profile)["sha256"]["train.parquet"], "train_subset": profile.train_subset}
+
+
+def fit_and_save(name: str, profile: config.Profile, train: list[Item]) -> Predictor:
+    """Fit baseline ``name`` on ``profile``'s ``train`` items and save it (see :func:`saved_path`)."""
+    predictor = BASELINES[name](train)
+    write_file_atomically(saved_path(name, profile), lambda tmp: joblib.dump(
+        {"data": _data_key(profile), "predictor": predictor}, tmp))
+    return predictor
+
+
+def load_fitted(name: str, profile: config.Profile) -> Predictor:
+    """Baseline ``name`` as notebook 02 saved it; fitted (and saved) now if it is missing or was fitted on
+    other curated data."""
+    path = saved_path(name, profile)
+    if path.exists():
+        saved = joblib.load(path)
+        if saved["data"] == _data_key(profile):
+            return saved["predictor"]
+    return fit_and_save(name, profile, load_curated(profile)[0])

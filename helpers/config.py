@@ -176,6 +176,7 @@ class Profile:
     train_subset: int | None = None  # train on a seeded subset of that many curated train items
     target_device: str = "cpu"  # the device the profile is sized for: "cpu" or a GPU_PEAK_TFLOPS key
     budget_minutes: float = 5.0  # the training time it is sized to fit on that device
+    compare_lora_r: int | None = None  # notebook 04 trains a second run with this LoRA rank to compare (None: none)
 
     @property
     def curated_dir(self) -> Path:
@@ -224,6 +225,7 @@ PROFILES: dict[str, Profile] = {
         num_proc=1,
         batch_size=64,
         predict_batch_size=8,
+        compare_lora_r=4,  # a second 12-step run costs a minute here; on a GPU it would cost a whole run
         training=TrainingConfig(
             lora_r=8,
             lora_alpha=16,

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -80,6 +81,21 @@ def curate_batch(table: pa.Table, tokenizer: PreTrainedTokenizerFast) -> pa.Tabl
         columns[BOOK][index] = book
     return pa.Table.from_pydict({"price": price, "content_tokens": tokens, "skip_reason": skip, **columns},
                                 schema=PART_SCHEMA)
+
+
+def item_from_record(record: dict[str, object], tokenizer: PreTrainedTokenizerFast,
+                     price: float = math.nan) -> tuple[Item, str]:
+    """The :class:`Item` curation makes of one raw record, and its skip reason (``""`` where curation keeps it).
+
+    The same scrubbing and cut to MAX_TOKENS as :func:`curate_batch`; a text too short to keep is
+    still made into an Item (the demo prices whatever a learner types), its text whole.
+    """
+    described, _ = describe_book(record)
+    content = described.pop("content")
+    counted = count_and_cut_batch({"content": [content], "skip_reason": [KEPT]}, tokenizer)
+    reason = counted["skip_reason"][0]
+    text = counted["text"][0] if reason == KEPT else content  # under MAX_TOKENS: the cut is the whole text
+    return Item(**described, price=price, text=text, token_count=counted["token_count"][0]), reason
 
 
 def curate_shard(source: Source, index: int, part: Path, batch_size: int,

@@ -289,6 +289,12 @@ def _adapter_config(adapter: str, profile: config.Profile, default: bool) -> Pef
         ) from error
 
 
+def finetuned_name(model: PeftModel, profile: config.Profile, adapter: str | Path | None = None) -> str:
+    """The leaderboard name of a fine-tuned model: its LoRA rank, the adapter if given, and the base model."""
+    source = f", {adapter}" if adapter else ""
+    return f"Fine-tuned (QLoRA r={model.peft_config['default'].r}{source}), {finetune.model_label(profile)}"
+
+
 def load_finetuned(profile: config.Profile, adapter: str | Path | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The 4-bit base model with a trained LoRA adapter attached, ready for inference.
 

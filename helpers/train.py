@@ -1,12 +1,13 @@
 """QLoRA fine-tuning from the command line: the script twin of notebook 04.
 
     python -m helpers.train --profile smoke [--max-steps N] [--save-steps N] [--output-dir D] [--no-resume]
-                            [--plan-only] [--push-to-hub USER/REPO]
+                            [--plan-only] [--push-to-hub USER/REPO] [--report-to tensorboard,wandb]
 
 The profile defaults to ``$BOOK_PRICER_PROFILE``, else ``smoke``. The plan (books, steps,
 checkpoints, memory, minutes on this device) is printed first. A run that is stopped (Ctrl-C,
 a lost Colab session) picks up from its newest checkpoint when started again; a finished run
-is not trained again.
+is not trained again. The losses go to TensorBoard in the run folder (``tensorboard --logdir runs/<profile>``);
+``--report-to tensorboard,wandb`` adds Weights & Biases.
 
 Several GPUs, data parallel (one model copy per GPU, each on its own device)::
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<profile>/qlora)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    parser.add_argument("--report-to", default=None,
+                        help="trackers: tensorboard (default), wandb, both comma-separated, or none")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="after training, upload the adapter to this hub model repo (needs HF_TOKEN)")
@@ -43,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     profile = config.get_profile(args.profile)
-    overrides = {name: value for name, value in (("max_steps", args.max_steps), ("save_steps", args.save_steps))
-                 if value is not None}
+    settings = {"max_steps": args.max_steps, "save_steps": args.save_steps, "report_to": args.report_to}
+    overrides = {name: value for name, value in settings.items() if value is not None}
     profile = replace(profile, training=replace(profile.training, **overrides))
     planned = finetune.training_plan(profile)
     print(planned, flush=True)

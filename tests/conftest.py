@@ -7,8 +7,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from helpers import config
+from peft import get_peft_model
+
+from helpers import config, finetune
 from helpers.data import parse_price
 from helpers.items import FORMATS, Item, describe
 
@@ -79,3 +82,20 @@ def sample_items() -> list[Item]:
             text = described.pop("content")
             items.append(Item(**described, price=price, text=text, token_count=len(text.split())))
     return items
+
+
+def _save_smoke_adapter(profile: config.Profile, folder) -> None:
+    torch.manual_seed(config.SEED)
+    base, tokenizer = finetune.load_base_model(profile, quantized=False)
+    settings = finetune.lora_config(profile.training)
+    settings.init_lora_weights = False
+    model = get_peft_model(base, settings)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def save_adapter():
+    """``save_adapter(profile, folder)``: a trained-looking LoRA adapter (random, non-zero B) for ``profile``'s base
+    model, saved with its tokenizer to ``folder``: what a run leaves, without the minutes of training."""
+    return _save_smoke_adapter

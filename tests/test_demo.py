@@ -1,0 +1,105 @@
+"""The demo page, served for real and called through gradio_client, and what it prices: curation's own Item."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gradio_client import Client
+
+from helpers import assets, baselines, config, demo, finetune
+from helpers.curate import curate, item_from_record, load_curated
+from helpers.tokens import KEPT
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    """The smoke profile with its runs and results under a fresh folder (the curated sample stays shared)."""
+    profile = config.get_profile("smoke")
+    if not (profile.curated_dir / "manifest.json").exists():
+        curate(profile)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
+        yield profile
+
+
+@pytest.fixture(scope="module")
+def pricer(profile, save_adapter) -> demo.Pricer:
+    """The demo's models for the smoke profile's run (a trained-looking adapter)."""
+    save_adapter(profile, finetune.adapter_dir(finetune.default_run_dir(profile)))
+    return demo.Pricer(profile)
+
+
+@pytest.fixture(scope="module")
+def page(pricer):
+    """The demo page, served on a free local port."""
+    page = demo.build(pricer)
+    page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def sample_records() -> dict[str, dict]:
+    lines = config.SAMPLE_PATH.read_text(encoding="utf-8").splitlines()
+    return {record["parent_asin"]: record for record in map(json.loads, lines)}
+
+
+def _form(book: demo.Book) -> tuple:
+    return book.title, book.author, book.format, book.pages, book.blurb, book.category, book.publisher
+
+
+def test_a_real_sample_book_gets_a_price_through_the_served_page(page, profile, sample_records):
+    test_book = load_curated(profile)[1][0]
+    book = demo.Book.from_record(sample_records[test_book.asin])
+    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*_form(book), api_name=f"/{demo.API_NAME}")
+    assert answer.startswith("### $") and f"{config.INTERVAL_LEVEL:.0%} interval $" in answer
+    assert "Best classical baseline, **Gradient boosting (text + features)**: $" in answer
+    assert chart  # the distribution's plot came back
+    tokenizer = assets.load_tokenizer(profile.tokenizer_source)
+    assert prompt == item_from_record(book.record(), tokenizer)[0].test_prompt  # the training prompt, nothing else
+    assert prompt.startswith(config.QUESTION) and prompt.endswith(config.ANSWER_PREFIX) and book.title in prompt
+
+
+@pytest.mark.parametrize("form, message", [
+    (("", "", "paperback", None, "   ", "", ""), "Type at least a title or a blurb"),
+    (("?!", "", "paperback", None, "...", "", ""), "Type at least a title or a blurb"),
+    (("A Book", "", "paperback", -3, "A blurb.", "", ""), "Pages must be between 1 and 20,000"),
+])
+def test_an_empty_or_absurd_form_gets_a_clear_message(page, form, message):
+    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*form, api_name=f"/{demo.API_NAME}")
+    assert answer.startswith("**Cannot price this yet.**") and message in answer and "Traceback" not in answer
+    assert chart is None and prompt == ""
+
+
+def test_a_short_book_is_priced_with_a_note(pricer):
+    quote = pricer.quote(demo.Book("Dune", author="Frank Herbert", format="hardcover", pages=412))
+    assert quote.item.token_count < config.MIN_TOKENS and 1 <= quote.price <= 999
+    assert quote.skip_reason == "too few tokens" and "curation would have skipped this book" in quote.markdown()
+
+
+def test_a_curated_book_becomes_the_same_item_in_the_demo(profile, sample_records):
+    """The demo's path (one raw record) and curation's (batches of records) make the same Item."""
+    tokenizer = assets.load_tokenizer(profile.tokenizer_source)
+    for curated in load_curated(profile)[1][:5]:
+        item, reason = item_from_record(sample_records[curated.asin], tokenizer, price=curated.price)
+        assert reason == KEPT and json.dumps(item.to_row()) == json.dumps(curated.to_row())  # NaN == NaN here
+
+
+def test_the_form_keeps_what_prices_a_book(profile, sample_records):
+    record = next(r for r in sample_records.values() if r.get("description") and "pages" in str(r.get("details")))
+    book = demo.Book.from_record(record)
+    item, _ = item_from_record(book.record(), assets.load_tokenizer(profile.tokenizer_source))
+    assert (item.title, item.format, item.pages) == (book.title, book.format, book.pages)
+    assert f"Author: {book.author}" in item.text and f"Pages: {book.pages:.0f}" in item.text
+
+
+def test_the_demo_baseline_is_the_one_notebook_02_saved(profile, monkeypatch):
+    name = "Linear regression (hand features)"
+    train, test = load_curated(profile)
+    saved = baselines.fit_and_save(name, profile, train)
+    monkeypatch.setitem(baselines.BASELINES, name, lambda *args: pytest.fail("fitted again"))
+    assert (baselines.load_fitted(name, profile)(test) == saved(test)).all()
+    monkeypatch.setattr(baselines, "_data_key", lambda profile: {"train_sha256": "other data"})
+    with pytest.raises(pytest.fail.Exception, match="fitted again"):  # fitted on other data: fitted anew
+        baselines.load_fitted(name, profile)
