@@ -7,7 +7,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train test bench clean colab
+.PHONY: setup smoke curate train test bench clean colab demo demo-check export
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,21 @@ curate: setup
 
 train: setup
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.train
+
+# The demo page of the profile's fine-tuned model (after `make smoke`): http://127.0.0.1:7860
+demo: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.demo
+
+# The demo in headless Chromium (Debian's `chromium` package): fills the form, saves results/$(PROFILE)/demo.png.
+PLAYWRIGHT := playwright==1.65.2
+demo-check: setup
+	@command -v chromium >/dev/null || { echo "demo-check needs Debian's chromium: sudo apt-get install chromium"; exit 1; }
+	$(PY) -m pip install --quiet $(PLAYWRIGHT)
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) scripts/demo_check.py
+
+# The fine-tuned model merged into a 16-bit copy of the base model: runs/$(PROFILE)/qlora/merged.
+export: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export
 
 test: setup
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \

@@ -10,7 +10,7 @@ from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
 WORKSHOP = {"05"}  # notebooks that score an ADAPTER given as a hub id or a folder
-EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB"], "05": ["ADAPTER"]}  # 04 can share the adapter it trains
+EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO"], "05": ["ADAPTER"], "06": ["ADAPTER", "SHARE"]}  # 04 can share the adapter it trains
 
 
 def test_notebooks_are_numbered_in_order_from_00():
