@@ -88,16 +88,19 @@ def base_tokenizer(profile: config.Profile) -> PreTrainedTokenizerBase:
     return assets.load_tokenizer(profile.base_model)
 
 
-def load_base_model(profile: config.Profile, quantized: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base_model(profile: config.Profile, quantized: bool = True, dtype: torch.dtype | None = None,
+                    device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The profile's base model (4-bit unless ``quantized=False``) and its tokenizer.
 
-    A gated hub model without an accepted license or token raises ``PermissionError`` naming the fix.
+    ``dtype``: of the weights not stored in 4 bits (default :func:`compute_dtype`); ``device``: where the
+    model goes, "cpu" or "cuda:0" (default :func:`device_map`). A gated hub model without an accepted
+    license or token raises ``PermissionError`` naming the fix.
     """
     tokenizer = base_tokenizer(profile)
     model = assets.from_hub(
         AutoModelForCausalLM.from_pretrained, assets.model_path(profile.base_model),
         quantization_config=quantization_config() if quantized else None,
-        device_map=device_map(), dtype=compute_dtype(),
+        device_map={"": device} if device else device_map(), dtype=dtype or compute_dtype(),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
