@@ -386,23 +386,6 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
                           trainer.state.global_step, trainer.state.log_history, card)
 
 
-def push_adapter(adapter: Path, repo_id: str) -> str:
-    """Upload a trained adapter folder (with its tokenizer) to a hub model repo; returns its URL.
-
-    Needs a write token (``HF_TOKEN`` or Colab's Secrets). The repo is created private if new.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=assets.hub_token())
-    try:
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=str(adapter),
-                                     commit_message="QLoRA adapter from the Book Pricer course"))
-    except Exception as error:  # no token, no network, no write access: all end here with the fix
-        raise PermissionError(f"Could not push {adapter} to {repo_id!r} ({error}). Set HF_TOKEN to a token "
-                              "with write access (Colab: Secrets), and check the internet connection.") from error
-
-
 # --- a model with real shapes and random weights (memory and speed without the hub) --------
 def save_random_model(shape: PretrainedConfig, folder: Path, tokenizer: PreTrainedTokenizerBase,
                       layers: int | None = None) -> Path:
