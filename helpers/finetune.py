@@ -88,16 +88,19 @@ def base_tokenizer(profile: config.Profile) -> PreTrainedTokenizerBase:
     return assets.load_tokenizer(profile.base_model)
 
 
-def load_base_model(profile: config.Profile, quantized: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base_model(profile: config.Profile, quantized: bool = True, dtype: torch.dtype | None = None,
+                    device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The profile's base model (4-bit unless ``quantized=False``) and its tokenizer.
 
-    A gated hub model without an accepted license or token raises ``PermissionError`` naming the fix.
+    ``dtype``: of the weights not stored in 4 bits (default :func:`compute_dtype`); ``device``: where the
+    model goes, "cpu" or "cuda:0" (default :func:`device_map`). A gated hub model without an accepted
+    license or token raises ``PermissionError`` naming the fix.
     """
     tokenizer = base_tokenizer(profile)
     model = assets.from_hub(
         AutoModelForCausalLM.from_pretrained, assets.model_path(profile.base_model),
         quantization_config=quantization_config() if quantized else None,
-        device_map=device_map(), dtype=compute_dtype(),
+        device_map={"": device} if device else device_map(), dtype=dtype or compute_dtype(),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -396,23 +399,6 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
         write_file_atomically(run_dir / "run_card.json", lambda path: path.write_text(json.dumps(card, indent=2)))
     return TrainingResult(run_dir, adapter_dir(run_dir), "resumed" if resumed_from else "trained", resumed_from,
                           trainer.state.global_step, trainer.state.log_history, card)
-
-
-def push_adapter(adapter: Path, repo_id: str) -> str:
-    """Upload a trained adapter folder (with its tokenizer) to a hub model repo; returns its URL.
-
-    Needs a write token (``HF_TOKEN`` or Colab's Secrets). The repo is created private if new.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=assets.hub_token())
-    try:
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=str(adapter),
-                                     commit_message="QLoRA adapter from the Book Pricer course"))
-    except Exception as error:  # no token, no network, no write access: all end here with the fix
-        raise PermissionError(f"Could not push {adapter} to {repo_id!r} ({error}). Set HF_TOKEN to a token "
-                              "with write access (Colab: Secrets), and check the internet connection.") from error
 
 
 # --- a model with real shapes and random weights (memory and speed without the hub) --------

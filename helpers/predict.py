@@ -269,7 +269,12 @@ def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     return GeneratePredictor(model, tokenizer, profile.predict_batch_size)
 
 
-def _adapter_config(adapter: str, profile: config.Profile, default: bool) -> PeftConfig:
+def adapter_source(profile: config.Profile, adapter: str | Path | None = None) -> str:
+    """``adapter`` (a folder or a hub id) as given, else this profile's own run's (``runs/<profile>/qlora/adapter``)."""
+    return str(adapter or finetune.adapter_dir(finetune.default_run_dir(profile)))
+
+
+def adapter_config(adapter: str, profile: config.Profile, default: bool) -> PeftConfig:
     """The adapter's configuration, read before the base model loads; a missing one names the fix."""
     folder = Path(adapter).expanduser()
     if folder.is_dir() or not _HUB_ID.match(adapter):
@@ -295,20 +300,24 @@ def finetuned_name(model: PeftModel, profile: config.Profile, adapter: str | Pat
     return f"Fine-tuned (QLoRA r={model.peft_config['default'].r}{source}), {finetune.model_label(profile)}"
 
 
-def load_finetuned(profile: config.Profile, adapter: str | Path | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The 4-bit base model with a trained LoRA adapter attached, ready for inference.
+def load_finetuned(profile: config.Profile, adapter: str | Path | None = None, quantized: bool = True,
+                   dtype: torch.dtype | None = None,
+                   device: str | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The base model (4-bit unless ``quantized=False``) with a trained LoRA adapter attached, ready for inference.
 
     ``adapter``: a folder holding ``adapter_config.json``, or the hub id of an adapter repo (say, the one a
     workshop's teacher trained and shared); default: this profile's run (``runs/<profile>/qlora/adapter``).
-    The adapter must have been trained on this profile's base model.
+    The adapter must have been trained on this profile's base model. ``dtype`` and ``device``: as in
+    :func:`helpers.finetune.load_base_model`.
     """
-    source = str(adapter or finetune.adapter_dir(finetune.default_run_dir(profile)))
-    trained_on = _adapter_config(source, profile, default=not adapter).base_model_name_or_path
+    source = adapter_source(profile, adapter)
+    trained_on = adapter_config(source, profile, default=not adapter).base_model_name_or_path
     expected = assets.model_path(profile.base_model)
     if trained_on and Path(trained_on).name.lower() != Path(expected).name.lower():
         raise ValueError(f"The adapter {source} was trained on {trained_on}, but profile {profile.name!r} loads "
                          f"{expected}: set PROFILE to the profile the adapter was trained with.")
-    base, tokenizer = finetune.load_base_model(profile)  # the tokenizer saved with the adapter is this one
+    # the tokenizer saved with the adapter is this one
+    base, tokenizer = finetune.load_base_model(profile, quantized=quantized, dtype=dtype, device=device)
     model = PeftModel.from_pretrained(base, source, **assets.hub_options())
     model.eval()
     return model, tokenizer

@@ -24,7 +24,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from helpers import config, finetune
+from helpers import config, export, finetune
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"max_steps": args.max_steps, "save_steps": args.save_steps, "report_to": args.report_to}
     overrides = {name: value for name, value in settings.items() if value is not None}
     profile = replace(profile, training=replace(profile.training, **overrides))
+    if args.push_to_hub:
+        export.check_push(profile, args.push_to_hub)  # before training, not after it
     planned = finetune.training_plan(profile)
     print(planned, flush=True)
     if args.plan_only:
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({card['tokens_per_second']} tokens/s); eval loss {card['eval_loss_before']:.3f} -> "
               f"{card['eval_loss_after']:.3f}")
     if args.push_to_hub:
-        print(f"Pushed the adapter: {finetune.push_adapter(result.adapter_dir, args.push_to_hub)}")
+        print(f"Pushed the adapter: {export.push_to_hub(result.adapter_dir, args.push_to_hub, export.ADAPTER_MESSAGE)}")
     print(json.dumps(card, indent=2))
 
 

@@ -9,8 +9,8 @@ import pytest
 from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
-WORKSHOP = {"05"}  # notebooks that score an ADAPTER given as a hub id or a folder
-EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO"], "05": ["ADAPTER"], "06": ["ADAPTER", "SHARE"]}  # 04 can share the adapter it trains
+WORKSHOP = {"05": "load_finetuned(profile, ADAPTER or None)", "06": "Pricer(profile, ADAPTER or None)"}  # take an ADAPTER
+EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO"], "05": ["ADAPTER"], "06": ["ADAPTER", "SHARE"]}
 
 
 def test_notebooks_are_numbered_in_order_from_00():
@@ -50,14 +50,17 @@ def test_only_the_first_parameters_cell_is_tagged_and_every_set_up_cell_is_the_s
 
 
 def test_the_workshop_notebooks_pass_the_adapter_on():
-    for number in WORKSHOP:
+    for number, call in WORKSHOP.items():
         (path,) = (config.REPO_ROOT / "notebooks").glob(f"{number}_*.ipynb")
         code = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells[3:])
-        assert "load_finetuned(profile, ADAPTER or None)" in code
+        assert call in code
 
 
 def test_the_training_notebook_pushes_its_adapter_only_when_asked():
     (path,) = (config.REPO_ROOT / "notebooks").glob("04_*.ipynb")
     notebook = nbformat.read(path, as_version=4)
     assert re.search(r'^PUSH_TO_HUB = ""', notebook.cells[1].source, re.M)
-    assert any(cell.source.startswith("if PUSH_TO_HUB:") and "push_adapter(" in cell.source for cell in notebook.cells)
+    (push,) = [cell.source for cell in notebook.cells if cell.source.startswith("if PUSH_TO_HUB:")]
+    function = re.search(r"(\w+)\(result\.adapter_dir, PUSH_TO_HUB", push).group(1)
+    imports = "\n".join(cell.source for cell in notebook.cells if cell.source.startswith("%matplotlib"))
+    assert re.search(rf"^from helpers\.\w+ import .*\b{function}\b", imports, re.M), f"{function} is not imported"

@@ -25,7 +25,7 @@ def tiny_base() -> LlamaForCausalLM:
 def profile(monkeypatch, tmp_path):
     """A profile on the tiny base model, its state under tmp_path, with no real model to load."""
     monkeypatch.setattr(config, "HOME", tmp_path)
-    monkeypatch.setattr(finetune, "load_base_model", lambda profile: (tiny_base(), "its tokenizer"))
+    monkeypatch.setattr(finetune, "load_base_model", lambda profile, **options: (tiny_base(), "its tokenizer"))
     return config.get_profile("smoke", base_model=TINY_BASE)
 
 
