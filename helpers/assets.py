@@ -35,7 +35,7 @@ LLAMA3_SPECIAL_TOKENS = [
 
 GATED_HELP = (
     "{model} is gated on the Hugging Face hub. Accept the Llama 3.1 license at "
-    "https://huggingface.co/{model}, then log in: `huggingface-cli login`, or set HF_TOKEN "
+    "https://huggingface.co/{model}, then log in: `hf auth login`, or set HF_TOKEN "
     "(on Colab: add HF_TOKEN under Secrets). Offline, use the smoke profile."
 )
 

@@ -61,7 +61,7 @@ def test_hub_errors_name_the_fix(message, error):
 
     with pytest.raises(error) as raised:
         assets.from_hub(loader, config.LLAMA_HUB_ID)
-    assert ("huggingface-cli login" in str(raised.value)) == (error is PermissionError)
+    assert ("hf auth login" in str(raised.value)) == (error is PermissionError)
     assert "smoke profile" in str(raised.value)
 
 
