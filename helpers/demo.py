@@ -99,6 +99,7 @@ class Quote:
     baseline_price: float
 
     def markdown(self) -> str:
+        """The answer as the page shows it: the price and interval, whose price it is, the baseline's, any note."""
         if self.price is None:
             headline = "The model gave no price for this book (no number in its answer)."
         else:
@@ -116,6 +117,7 @@ class Quote:
         return "\n".join(lines)
 
     def plot(self) -> Figure | None:
+        """The model's price distribution for the book (None for a predictor that gives one price)."""
         return self.distribution.plot(0) if self.distribution is not None else None
 
 

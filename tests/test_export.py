@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -34,19 +34,14 @@ def prompts(sample_items) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(tmp_path_factory, save_adapter):
     """The smoke profile, its state in a temporary folder holding a trained-looking run: a LoRA adapter whose
     B matrices are not zero (a fresh adapter changes nothing) and a run card beside it."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
         profile = config.get_profile("smoke")
-        model, tokenizer = finetune.load_base_model(profile, quantized=False, dtype=torch.float32, device="cpu")
-        lora = finetune.lora_config(profile.training)
-        lora.init_lora_weights = False
-        torch.manual_seed(config.SEED)
         run = finetune.default_run_dir(profile)
-        get_peft_model(model, lora).save_pretrained(finetune.adapter_dir(run))
-        tokenizer.save_pretrained(finetune.adapter_dir(run))
+        save_adapter(profile, finetune.adapter_dir(run))
         (run / "run_card.json").write_text(json.dumps({"profile": "smoke", "global_step": 12}))
         yield profile
 
