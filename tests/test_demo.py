@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from gradio_client import Client
+from httpx import HTTPError
 
 from helpers import assets, baselines, config, demo, finetune
 from helpers.curate import curate, item_from_record, load_curated
@@ -43,6 +50,9 @@ def page(pricer):
 def sample_records() -> dict[str, dict]:
     lines = config.SAMPLE_PATH.read_text(encoding="utf-8").splitlines()
     return {record["parent_asin"]: record for record in map(json.loads, lines)}
+
+
+SERVER_START_TIMEOUT_S = 240  # loading the 4-bit model on a busy 2-core CPU
 
 
 def _form(book: demo.Book) -> tuple:
@@ -103,3 +113,35 @@ def test_the_demo_baseline_is_the_one_notebook_02_saved(profile, monkeypatch):
     monkeypatch.setattr(baselines, "_data_key", lambda profile: {"train_sha256": "other data"})
     with pytest.raises(pytest.fail.Exception, match="fitted again"):  # fitted on other data: fitted anew
         baselines.load_fitted(name, profile)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_command_serves_the_page(pricer, profile, sample_records):
+    """``python -m helpers.demo`` in its own process, its state under HOME, answers a real book."""
+    home = config.HOME
+    shutil.copytree(profile.curated_dir, home / "data" / "curated" / profile.name, dirs_exist_ok=True)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "helpers.demo", "--profile", profile.name, "--port", str(port)],
+                              cwd=config.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, config.HOME_ENV: str(home), config.CACHE_ENV: str(config.CACHE_DIR)})
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except (HTTPError, ConnectionError, ValueError):
+                assert time.monotonic() < deadline, "the demo did not start"
+                time.sleep(1)
+        book = demo.Book.from_record(sample_records[load_curated(profile)[1][0].asin])
+        answer, _, _ = client.predict(*_form(book), api_name=f"/{demo.API_NAME}")
+        assert answer.startswith("### $") and "interval" in answer
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
