@@ -220,7 +220,7 @@ def make_trainer(profile: config.Profile, model: PreTrainedModel, tokenizer: Pre
     logs = tracking.TENSORBOARD in tracking.trackers(profile.training.report_to)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(profile, run_dir / "checkpoints", device, run_name=run_dir.name),
+        args=sft_config(profile, checkpoints_dir(run_dir), device, run_name=run_dir.name),
         train_dataset=sft_dataset(train_items),
         eval_dataset=sft_dataset(eval_items),
         processing_class=tokenizer,
@@ -240,13 +240,17 @@ def adapter_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "adapter"
 
 
-def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint, like ``get_last_checkpoint``, but skipping one whose save was cut short.
 
     The Trainer writes ``trainer_state.json`` last, so a folder without it is incomplete.
     """
-    complete = [folder for folder in Path(checkpoints_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if (folder / TRAINER_STATE).exists()]
+    complete = [checkpoint for checkpoint in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if (checkpoint / TRAINER_STATE).exists()]
     return str(max(complete, key=lambda folder: int(folder.name.rsplit("-", 1)[1]))) if complete else None
 
 
@@ -365,15 +369,15 @@ def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = T
     """
     device = device or detect_device()
     run_dir = Path(run_dir or default_run_dir(profile))
-    checkpoints_dir = run_dir / "checkpoints"
     train_items, validation_items = training_items(profile)
     the_plan = planned or training_plan(profile, device, train_items)
     profile = replace(profile, training=the_plan.training)
-    resumed_from = last_complete_checkpoint(checkpoints_dir) if resume else None
+    resumed_from = last_complete_checkpoint(checkpoints_dir(run_dir)) if resume else None
     state = TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)) if resumed_from else None
     if state is not None and state.global_step >= the_plan.steps:
         return _finished(profile, the_plan, run_dir, resumed_from, state, len(validation_items))
 
+    tracking.trackers(profile.training.report_to)  # an unknown tracker or a missing wandb stops before the model loads
     model, tokenizer = load_base_model(profile)
     trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, run_dir, device,
                            resumed_step=state.global_step if state else None)
