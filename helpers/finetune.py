@@ -251,7 +251,7 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     """
     complete = [checkpoint for checkpoint in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                 if (checkpoint / TRAINER_STATE).exists()]
-    return str(max(complete, key=lambda folder: int(folder.name.rsplit("-", 1)[1]))) if complete else None
+    return str(max(complete, key=lambda checkpoint: int(checkpoint.name.rsplit("-", 1)[1]))) if complete else None
 
 
 @dataclass
