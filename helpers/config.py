@@ -91,6 +91,7 @@ CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)  # interval levels of the calibration
 VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss
 MAX_VALIDATION_ITEMS = 200  # enough for a steady eval loss, cheap enough to compute often
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk (the newest ones)
+CALIBRATION_STEPS = 4  # a time-budgeted run times this many optimizer steps (and a checkpoint) before choosing its length
 
 # --- models ------------------------------------------------------------------------------
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"
@@ -109,28 +110,40 @@ class Throughput:
     """Training tokens per second of HF + PEFT + bitsandbytes QLoRA for one model on one device."""
 
     tokens_per_second: float
-    kind: str  # "measured here", "published" or "estimated"
+    kind: str  # "measured here" (a run card or the GPU check), "published" or "estimated"
     source: str
 
 
-# Peak dense fp16/bf16 tensor-core TFLOP/s from NVIDIA's data sheets: the scale for estimates.
+# NVIDIA's data sheets: peak dense fp16/bf16 tensor TFLOP/s and memory bandwidth (GB/s), the two
+# resources 4-bit QLoRA is bound by: 16-bit matrix products, and every weight dequantised from 4 bits
+# on each of three passes (forward, the recomputation of gradient checkpointing, backward).
 GPU_PEAK_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A10G": 70, "A100": 312, "L40S": 362, "H100": 989,
                    "H200": 989}
-# Parameters (billions) of the base models, from their published configs, for the same scaling.
+GPU_BANDWIDTH_GBS = {"T4": 320, "V100": 900, "L4": 300, "A10G": 600, "A100": 1_555, "L40S": 864, "H100": 3_350,
+                     "H200": 4_800}
+# Parameters (billions) of the base models, from their published configs: the work per token.
 MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21}
+# Published measurements (public notebooks and learners' logs, HF + PEFT + bitsandbytes), with their settings.
+# None of these ran this course's code; figures measured here (a run card on the same GPU kind and model, or
+# benchmarks/gpu_check.py's report) win over them. Unsloth's T4 figure (1.04 samples/s for Llama-3.1-8B,
+# batch 2 x 4, its own kernels) is another stack and is left out.
 THROUGHPUTS: dict[tuple[str, str], Throughput] = {
     ("A100", LLAMA_HUB_ID): Throughput(
         17.67 * 182, "published",
-        "a learner's run of the nearest course: A100, HF+PEFT+bitsandbytes, r 32, batch 16, "
-        "max 182 tokens, 17.67 samples/s (../shared/NOTES-full-profile.md)"),
+        "a learner's run of the nearest course: A100, r 32, batch 16, max 182 tokens, 17.67 samples/s "
+        "(optimistic: with gradient checkpointing it implies ~66% of the A100's peak)"),
+    ("T4", LLAMA_HUB_ID): Throughput(
+        16 * 180 / 54, "published",
+        "the Books variant of the nearest course on a Colab T4: r 8, batch 1 x 16, ~180 tokens, ~54 s per step "
+        "(with the bf16 flag, which a T4 emulates: fp16 may be faster)"),
+    ("T4", LLAMA_3B_HUB_ID): Throughput(
+        32 * 128 / 31, "published",
+        "a learner of the nearest course on a Colab T4: Llama-3.2-3B, batch 32, max 128 tokens, ~31 s per step "
+        "(with the bf16 flag; 128 tokens is the cap, so this is an upper bound on tokens/s)"),
     ("cpu", "smollm2"): Throughput(
         133.6, "measured here",
         "run card of `make smoke`, 2-core CPU, SmolLM2-135M, batch 4 (README, smoke results)"),
 }
-# Other GPU x model pairs are estimated from the published A100 figure, scaled by peak TFLOP/s
-# and by parameters (training FLOPs per token grow with the parameter count). Peak ratios flatter
-# the faster GPUs: read such an estimate as a lower bound on the time.
-ESTIMATE_ANCHOR = ("A100", LLAMA_HUB_ID)
 # Books in full's balanced train split before it is curated: the upper end of 95-124k, estimated from
 # the sample's price distribution. Plans use the real count once the data is curated.
 FULL_TRAIN_ITEMS_ESTIMATE = 124_000
@@ -158,6 +171,8 @@ class TrainingConfig:
     logging_steps: int = 25
     report_to: str = "tensorboard"  # offline, in the run folder; "tensorboard,wandb" adds W&B; "none" logs nothing
     push_to_hub: bool = False
+    # None: train the planned epochs (or max_steps). Minutes: calibrate on the first steps, then stop inside them.
+    time_budget_minutes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +193,7 @@ class Profile:
     curated_from: str | None = None  # use another profile's curated data (lite reads full's)
     train_subset: int | None = None  # train on a seeded subset of that many curated train items
     target_device: str = "cpu"  # the device the profile is sized for: "cpu" or a GPU_PEAK_TFLOPS key
-    budget_minutes: float = 5.0  # the training time it is sized to fit on that device
+    budget_minutes: float = 5.0  # the training time it is sized for on that device (GPU profiles: their time budget)
     compare_lora_r: int | None = None  # notebook 04 trains a second run with this LoRA rank to compare (None: none)
 
     @property
@@ -207,6 +222,7 @@ _FULL = Profile(
     predict_batch_size=16,
     target_device="A100",
     budget_minutes=180,
+    training=TrainingConfig(time_budget_minutes=180),
 )
 PROFILES: dict[str, Profile] = {
     "full": _FULL,
@@ -215,7 +231,7 @@ PROFILES: dict[str, Profile] = {
     "lite": replace(
         _FULL, name="lite", base_model=LLAMA_3B_HUB_ID, curated_from="full", train_subset=20_000,
         target_device="T4", budget_minutes=60,
-        training=TrainingConfig(lora_r=16, lora_alpha=32, save_steps=100, eval_steps=250),
+        training=TrainingConfig(lora_r=16, lora_alpha=32, save_steps=100, eval_steps=250, time_budget_minutes=60),
     ),
     "smoke": Profile(
         name="smoke",

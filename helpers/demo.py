@@ -26,7 +26,8 @@ from helpers.baselines import BASELINES, Predictor, load_fitted  # noqa: E402
 from helpers.curate import item_from_record, load_curated  # noqa: E402
 from helpers.evaluate import leaderboard  # noqa: E402
 from helpers.items import FORMATS, Item, author_name, book_format, parse_details  # noqa: E402
-from helpers.predict import PriceDistributions, finetuned_name, llm_predictor, load_finetuned  # noqa: E402
+from helpers.models import finetuned_name, load_finetuned  # noqa: E402
+from helpers.predict import PriceDistributions, llm_predictor  # noqa: E402
 from helpers.tokens import KEPT  # noqa: E402
 
 FALLBACK_BASELINE = "Gradient boosting (text + features)"  # when no baseline is on the leaderboard yet

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from helpers import config
+from helpers.hardware import Hardware
 
 REQUIREMENT_FILES = (config.REPO_ROOT / "requirements.txt", config.REPO_ROOT / "requirements-smoke.txt")
 MIN_PYTHON = (3, 11)  # the oldest Python every pin installs on (tests/test_setup.py checks, as does pyproject.toml)
@@ -72,37 +73,15 @@ def check_packages(any_version: frozenset[str] = frozenset()) -> list[PackageChe
     return checks
 
 
-@dataclass(frozen=True)
-class Device:
-    kind: str  # "cuda", "mps" or "cpu"
-    name: str
-    capability: tuple[int, int] | None
-    memory_gib: float | None
-
-    @property
-    def bf16(self) -> bool:
-        """bf16 training needs compute capability 8.0+ (Ampere: A100, L4, H100; a T4 is 7.5)."""
-        return self.capability is not None and self.capability >= (8, 0)
-
-    def line(self) -> str:
-        if self.kind != "cuda":
-            return (f"[OK]   device: {self.name}. Fine for the smoke profile; the full profile "
-                    "(Llama-3.1-8B) needs a CUDA GPU with 16 GB+ (the lite profile fits a free Colab T4).")
-        precision = "bf16" if self.bf16 else "fp16 (no bf16 before compute capability 8.0)"
-        return (f"[OK]   device: {self.name}, compute capability {self.capability[0]}.{self.capability[1]}, "
-                f"{self.memory_gib:.1f} GiB, trains in {precision}")
-
-
-def detect_device() -> Device:
-    """The accelerator torch will use."""
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Device("cuda", props.name, (props.major, props.minor), props.total_memory / 2**30)
-    if torch.backends.mps.is_available():
-        return Device("mps", "Apple GPU (MPS; bitsandbytes 4-bit needs CUDA or CPU)", None, None)
-    return Device("cpu", "CPU", None, None)
+def device_line(hardware: Hardware) -> str:
+    """The environment report's line for the device: what it trains in, what it suits."""
+    if hardware.kind != "cuda":
+        return (f"[OK]   device: {hardware.name}. Fine for the smoke profile; the full profile "
+                "(Llama-3.1-8B) needs a CUDA GPU with 16 GB+ (the lite profile fits a free Colab T4).")
+    precision = "bf16" if hardware.bf16 else "fp16 (no bf16 before compute capability 8.0)"
+    major, minor = hardware.capability
+    return (f"[OK]   device: {hardware.name}, compute capability {major}.{minor}, {hardware.memory_gib:.1f} GiB, "
+            f"trains in {precision}")
 
 
 def in_colab() -> bool:
@@ -168,14 +147,14 @@ def colab_setup(home: str = "") -> None:
 
 def report(profile: config.Profile) -> str:
     """A printable environment report: Python, pinned packages, device, profile, state folder."""
-    device = detect_device()
-    packages = check_packages(OWN_BUILD_OK if device.kind == "cuda" or in_colab() else frozenset())
+    hardware = Hardware.detect()
+    packages = check_packages(OWN_BUILD_OK if hardware.kind == "cuda" or in_colab() else frozenset())
     python_ok = sys.version_info >= MIN_PYTHON
     python = f"Python {sys.version.split()[0]}"
     lines = [f"[OK]   {python}" if python_ok else
              f"[FAIL] {python}  -> the pins need Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+: make a venv with one"]
     lines += [check.line() for check in packages]
-    lines.append(device.line())
+    lines.append(device_line(hardware))
     source = Path(profile.data_source).name if Path(profile.data_source).exists() else profile.data_source
     lines.append(f"[OK]   profile: {profile.name} (data: {source}, model: {profile.base_model}"
                  f"{', Colab' if in_colab() else ''})")

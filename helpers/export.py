@@ -29,10 +29,11 @@ import torch
 from huggingface_hub import HfApi, get_token, hf_hub_download
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import assets, config, finetune, plan, predict
+from helpers import assets, config, models
 from helpers.storage import write_folder_atomically
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GIB = 2**30
 MEMORY_MARGIN_GIB = 1.0  # Python, torch and the tokenizer, beside the weights
 ADAPTER_MESSAGE = "QLoRA adapter from the Book Pricer course"
 MERGED_MESSAGE = "Book Pricer fine-tune: the QLoRA adapter merged into the base model"
@@ -96,11 +97,11 @@ def check_memory(profile: config.Profile, dtype: torch.dtype) -> None:
     billions = config.MODEL_BILLIONS.get(profile.base_model)
     if billions is None:
         return
-    needed = billions * 1e9 * dtype.itemsize / plan.GIB + MEMORY_MARGIN_GIB
-    available = psutil.virtual_memory().available / plan.GIB
+    needed = billions * 1e9 * dtype.itemsize / GIB + MEMORY_MARGIN_GIB
+    available = psutil.virtual_memory().available / GIB
     if needed > available:
         raise MemoryError(
-            f"Merging into {finetune.model_label(profile)} in {_name(dtype)} needs about {needed:.0f} GiB of RAM, but "
+            f"Merging into {models.model_label(profile)} in {_name(dtype)} needs about {needed:.0f} GiB of RAM, but "
             f"this machine has {available:.1f} GiB available. Use a high-RAM runtime (Colab: Runtime > Change runtime "
             "type > High-RAM) or a larger machine, or share the adapter alone (megabytes; it loads on the 4-bit base "
             "model anywhere): `python -m helpers.export --adapter-only --push-to-hub REPO`.")
@@ -110,12 +111,12 @@ def merged_model(profile: config.Profile, adapter: str | Path | None = None, dty
                  device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model, NOT quantised, in ``dtype`` on ``device``, with the adapter merged in; and its tokenizer.
 
-    ``adapter``: as in :func:`helpers.predict.load_finetuned`, whose checks name the fix. The CPU is the
+    ``adapter``: as in :func:`helpers.models.load_finetuned`, whose checks name the fix. The CPU is the
     default (a 16-bit Llama-3.1-8B is 16 GB, more than a T4 holds); there the RAM is checked first.
     """
     if device == "cpu":
         check_memory(profile, dtype)
-    model, tokenizer = predict.load_finetuned(profile, adapter, quantized=False, dtype=dtype, device=device)
+    model, tokenizer = models.load_finetuned(profile, adapter, quantized=False, dtype=dtype, device=device)
     return model.merge_and_unload(progressbar=True), tokenizer
 
 
@@ -158,7 +159,7 @@ def notice(profile: config.Profile) -> str:
 def model_card(profile: config.Profile, source: str, dtype: torch.dtype, files: list[str]) -> str:
     """The README.md of an export: what it is, the prompt it answers, its license ("Built with Llama" for Llama)."""
     return MODEL_CARD.format(
-        license=_license(profile) or "other", base=_base_id(profile), name=finetune.model_label(profile),
+        license=_license(profile) or "other", base=_base_id(profile), name=models.model_label(profile),
         built_with="**Built with Llama**\n\n" if _llama_version(profile) else "",
         adapter=source, dtype=_name(dtype), question=config.QUESTION, answer_prefix=config.ANSWER_PREFIX,
         notice=notice(profile), files="".join(f", {name}" for name in files))
@@ -169,7 +170,7 @@ def save_merged(profile: config.Profile, adapter: str | Path | None = None, outp
     """Merge the adapter (:func:`merged_model`) and save the model atomically with its tokenizer, the run card
     (:func:`export_card`), its license texts, NOTICE and a README model card; returns the folder
     (default: :func:`default_output_dir`)."""
-    source = predict.adapter_source(profile, adapter)
+    source = models.adapter_source(profile, adapter)
     model, tokenizer = merged_model(profile, adapter, dtype, device)
     folder = Path(output_dir or default_output_dir(profile, source))
     card, licenses = export_card(profile, source, dtype), license_files(profile)
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.push_to_hub:
         check_push(profile, args.push_to_hub)  # in a second, not after the merge
     if args.adapter_only:
-        source = predict.adapter_source(profile, args.adapter)
-        predict.adapter_config(source, profile, default=not args.adapter)  # no trained adapter names the fix
+        source = models.adapter_source(profile, args.adapter)
+        models.adapter_config(source, profile, default=not args.adapter)  # no trained adapter names the fix
         print(f"Pushed the adapter: {push_to_hub(Path(source), args.push_to_hub, ADAPTER_MESSAGE)}")
         return
     folder = save_merged(profile, args.adapter, args.output_dir, DTYPES[args.dtype])

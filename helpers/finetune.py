@@ -1,28 +1,29 @@
 """QLoRA fine-tuning: a 4-bit base model, a LoRA adapter, TRL's ``SFTTrainer``, resumable runs.
 
-The recipe (every number lives in :class:`helpers.config.TrainingConfig`):
+The recipe, three objects (notebook 04 writes each one out, argument by argument; the numbers live
+in :class:`helpers.config.TrainingConfig`, the batch split in the plan):
 
-* the base model's linear layers are stored in 4-bit NF4 with double quantisation and
-  computed in bf16 (fp16 on older GPUs, float32 on CPU);
-* only small LoRA matrices on the attention projections are trained, kept in float32 (the
-  master weights of mixed precision: fp16's gradient scaler needs them, and bf16 would round
-  away Adam's small updates);
-* the loss is taken on the completion ("21.00" + end of sequence) only, never on the prompt;
-* a paged AdamW optimiser, a cosine schedule with a short warm-up;
-* checkpoints every ``save_steps``: :func:`train` picks up from the newest complete one, and a
-  finished run is not trained again.
+* :func:`helpers.models.quantization_config`: the base model's linear layers in 4-bit NF4 with
+  double quantisation, computed in bf16 (fp16 on older GPUs, float32 on CPU);
+* :func:`lora_config`: small LoRA matrices on the attention projections, trained in float32 (the
+  master weights of mixed precision: fp16's gradient scaler needs them, and bf16 would round away
+  Adam's small updates);
+* :func:`sft_config`: the loss on the completion ("21.00" + end of sequence) only, paged AdamW, a
+  cosine schedule with a short warm-up, checkpoints every ``save_steps``.
 
-A run folder holds ``checkpoints/``, the final ``adapter/`` (adapter + tokenizer) and
-``run_card.json`` (hyperparameters, data hash, losses, speed).
+:func:`train` owns what a learner should not write by hand: the run's key (``run_config.json``,
+see :mod:`helpers.runs`), resuming from the newest complete checkpoint, not training a finished run
+again, the time budget (:mod:`helpers.budget`), one writer among several processes, and the TRL and
+bitsandbytes workarounds below.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
+import hashlib
 import json
-import os
-import random
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,82 +33,22 @@ import torch
 from datasets import Dataset
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from helpers import assets, config, plan, tracking
-from helpers.curate import load_curated, load_manifest
-from helpers.environment import Device, detect_device
+from helpers import config, tracking
+from helpers.budget import Calibration, EvaluateAtTheEnd, TimeBudget
 from helpers.evaluate import save_figure
+from helpers.hardware import Hardware
 from helpers.items import Item
+from helpers.models import load_base_model, model_label, quantization_config
+from helpers.plan import TrainingPlan, optimizer_steps, training_items
+from helpers.runs import TRAINER_FILES, TRAINER_STATE, RunDir, RunMismatch, differences, mismatch_message
 from helpers.storage import write_file_atomically, write_folder_atomically
 
-TRAINER_STATE = "trainer_state.json"
-SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
-# What a checkpoint holds besides the adapter and its tokenizer (left out when the adapter is taken from it).
-TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", TRAINER_STATE, "training_args.bin")
-PLAN_SAMPLE = 200  # training prompts tokenised to measure the mean example length for the plan
 
-
-# --- the model ---------------------------------------------------------------------------
-def compute_dtype(device: Device | None = None) -> torch.dtype:
-    """bf16 on GPUs that have it (compute capability >= 8), fp16 on older GPUs (a T4), float32 on CPU."""
-    device = device or detect_device()
-    if device.kind != "cuda":
-        return torch.float32
-    return torch.bfloat16 if device.bf16 else torch.float16
-
-
-def quantization_config(device: Device | None = None) -> BitsAndBytesConfig:
-    """4-bit NF4 weights with double quantisation (the QLoRA paper's settings)."""
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(device),
-    )
-
-
-def device_map() -> dict[str, int | str]:
-    """The whole model on this process's device: its GPU under ``accelerate launch``, else GPU 0 or CPU."""
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}
-
-
-def model_label(profile: config.Profile) -> str:
-    """A short readable name of the base model: "SmolLM2-135M-Instruct", "Llama-3.1-8B" (or its folder's name)."""
-    return SMOLLM2_LABEL if profile.base_model == "smollm2" else Path(profile.base_model).name
-
-
-def base_tokenizer(profile: config.Profile) -> PreTrainedTokenizerBase:
-    """The base model's own tokenizer: SmolLM2's in smoke, the hub model's (Llama 3.1) in full."""
-    return assets.load_tokenizer(profile.base_model)
-
-
-def load_base_model(profile: config.Profile, quantized: bool = True, dtype: torch.dtype | None = None,
-                    device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The profile's base model (4-bit unless ``quantized=False``) and its tokenizer.
-
-    ``dtype``: of the weights not stored in 4 bits (default :func:`compute_dtype`); ``device``: where the
-    model goes, "cpu" or "cuda:0" (default :func:`device_map`). A gated hub model without an accepted
-    license or token raises ``PermissionError`` naming the fix.
-    """
-    tokenizer = base_tokenizer(profile)
-    model = assets.from_hub(
-        AutoModelForCausalLM.from_pretrained, assets.model_path(profile.base_model),
-        quantization_config=quantization_config() if quantized else None,
-        device_map={"": device} if device else device_map(), dtype=dtype or compute_dtype(),
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-# --- the training set-up -----------------------------------------------------------------
+# --- the recipe ----------------------------------------------------------------------------
 def lora_config(training: config.TrainingConfig) -> LoraConfig:
     """The LoRA adapter: rank, scaling, dropout and the layers it is attached to."""
     return LoraConfig(
@@ -120,53 +61,82 @@ def lora_config(training: config.TrainingConfig) -> LoraConfig:
     )
 
 
-def sft_config(profile: config.Profile, output_dir: Path, device: Device | None = None,
-               run_name: str | None = None) -> SFTConfig:
-    """Trainer settings from the profile's :class:`TrainingConfig`; precision follows the device.
+def sft_config(training: config.TrainingConfig, run: RunDir, hardware: Hardware) -> SFTConfig:
+    """Trainer settings from a planned :class:`TrainingConfig` (its batch split fitted); precision follows the hardware.
 
     TensorBoard is not in the Trainer's ``report_to``: :func:`make_trainer` adds its logger itself, so
     that the curves live in the run folder (see :mod:`helpers.tracking`).
     """
-    training = profile.training
-    dtype = compute_dtype(device)
     hosted = [name for name in tracking.trackers(training.report_to) if name != tracking.TENSORBOARD]
     return SFTConfig(
-        output_dir=str(output_dir),
+        output_dir=str(run.checkpoints),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
-        activation_checkpointing=True,  # recompute activations in the backward pass: less memory
+        activation_checkpointing=True,
         optim=training.optimizer,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler_type,
-        warmup_steps=training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        warmup_steps=training.warmup_ratio,
         max_length=training.max_length,
         completion_only_loss=True,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        **hardware.amp_flags,
+        use_cpu=hardware.kind == "cpu",
+        ddp_find_unused_parameters=False,
         eval_strategy="steps",
         eval_steps=training.eval_steps,
-        eval_on_start=True,  # the eval loss before any training
+        eval_on_start=True,
         save_strategy="steps",
         save_steps=training.save_steps,
         save_total_limit=config.SAVE_TOTAL_LIMIT,
         logging_steps=training.logging_steps,
         include_num_input_tokens_seen="non_padding",
         report_to=hosted or "none",
-        run_name=run_name,
+        run_name=run.name,
         push_to_hub=training.push_to_hub,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
+        dataloader_pin_memory=hardware.kind == "cuda",
         seed=config.SEED,
     )
 
 
-def split_validation(train_items: list[Item]) -> tuple[list[Item], list[Item]]:
-    """(train, validation): a seeded slice of the curated train items, so the test set stays unseen."""
-    shuffled = random.Random(config.SEED).sample(train_items, len(train_items))
-    size = min(config.MAX_VALIDATION_ITEMS, max(1, round(len(train_items) * config.VALIDATION_FRACTION)))
-    return shuffled[size:], shuffled[:size]
+def training_from(args: SFTConfig, lora: LoraConfig, training: config.TrainingConfig) -> config.TrainingConfig:
+    """The :class:`TrainingConfig` that the recipe objects hold (what a run is keyed by), so that a setting
+    changed in notebook 04's cells keys the run as one changed in the profile does."""
+    return replace(
+        training, lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=tuple(sorted(lora.target_modules)) if not isinstance(lora.target_modules, str)
+        else (lora.target_modules,),
+        learning_rate=args.learning_rate, lr_scheduler_type=str(getattr(args.lr_scheduler_type, "value",
+                                                                        args.lr_scheduler_type)),
+        warmup_ratio=args.warmup_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,
+        batch_size=args.per_device_train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_length=args.max_length, optimizer=str(getattr(args.optim, "value", args.optim)),
+        save_steps=int(args.save_steps), eval_steps=int(args.eval_steps), logging_steps=int(args.logging_steps),
+    )
+
+
+def describe_quantization(quantization: BitsAndBytesConfig) -> dict:
+    """The quantisation settings that change what a run trains, for its key."""
+    return {"quant_type": quantization.bnb_4bit_quant_type, "double_quant": quantization.bnb_4bit_use_double_quant,
+            "compute_dtype": str(quantization.bnb_4bit_compute_dtype).removeprefix("torch.")}
+
+
+def check_recipe(args: SFTConfig, quantization: BitsAndBytesConfig, run: RunDir, hardware: Hardware) -> None:
+    """Stop when the recipe objects disagree with the run folder or the hardware (before the model loads)."""
+    problems = []
+    if Path(args.output_dir).resolve() != run.checkpoints.resolve():
+        problems.append(f"output_dir is {args.output_dir}, but the run's checkpoints live in {run.checkpoints}")
+    if (args.bf16, args.fp16) != (hardware.amp_flags["bf16"], hardware.amp_flags["fp16"]):
+        problems.append(f"bf16={args.bf16}, fp16={args.fp16}, but {hardware.name} trains in {hardware.precision} "
+                        f"({hardware.amp_flags})")
+    if quantization.bnb_4bit_compute_dtype != hardware.compute_dtype:
+        problems.append(f"bnb_4bit_compute_dtype is {quantization.bnb_4bit_compute_dtype}, but {hardware.name} "
+                        f"computes in {hardware.compute_dtype}")
+    if problems:
+        raise ValueError("The recipe does not fit this run:\n  " + "\n  ".join(problems)
+                         + "\nBuild it from the same run folder and hardware (notebook 04's cells, or sft_config).")
 
 
 def sft_dataset(items: list[Item]) -> Dataset:
@@ -181,6 +151,7 @@ def sft_dataset(items: list[Item]) -> Dataset:
     })
 
 
+# --- workarounds (each with its upstream cause) --------------------------------------------
 def keep_adapter_in_float32(model: PreTrainedModel) -> None:
     """Trainable (LoRA) weights back to float32, as PEFT creates them.
 
@@ -206,54 +177,33 @@ def keep_4bit_weights_differentiable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def make_trainer(profile: config.Profile, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 train_items: list[Item], eval_items: list[Item], run_dir: Path,
-                 device: Device | None = None, resumed_step: int | None = None) -> SFTTrainer:
-    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh float32 LoRA adapter, precision from ``device``.
+def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_items: list[Item],
+                 eval_items: list[Item], run: RunDir, hardware: Hardware, args: SFTConfig, lora: LoraConfig,
+                 report_to: str = "tensorboard", resumed_step: int | None = None,
+                 callbacks: list | None = None) -> SFTTrainer:
+    """An ``SFTTrainer`` for a 4-bit ``model`` with a fresh float32 LoRA adapter.
 
-    Checkpoints go to ``run_dir/checkpoints``; with TensorBoard in ``report_to``, the curves go to
-    ``run_dir/tensorboard`` (``resumed_step``: the step of the checkpoint the run resumes from, if any).
+    With TensorBoard in ``report_to`` the main process logs to ``run/tensorboard`` (``resumed_step``: the
+    step of the checkpoint the run resumes from, if any).
     """
-    run_dir = Path(run_dir)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, lora_config(profile.training))
-    logs = tracking.TENSORBOARD in tracking.trackers(profile.training.report_to)
+    model = get_peft_model(model, lora)
+    logs = tracking.TENSORBOARD in tracking.trackers(report_to) and hardware.is_main
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(profile, checkpoints_dir(run_dir), device, run_name=run_dir.name),
+        args=args,
         train_dataset=sft_dataset(train_items),
         eval_dataset=sft_dataset(eval_items),
         processing_class=tokenizer,
-        callbacks=[tracking.tensorboard_callback(run_dir, resumed_step)] if logs else None,
+        callbacks=[EvaluateAtTheEnd(), *(callbacks or []),
+                   *([tracking.tensorboard_callback(run.path, resumed_step)] if logs else [])],
     )
     keep_adapter_in_float32(trainer.model)
     keep_4bit_weights_differentiable(trainer.model)
     return trainer
 
 
-# --- runs --------------------------------------------------------------------------------
-def default_run_dir(profile: config.Profile) -> Path:
-    return profile.runs_dir / "qlora"
-
-
-def adapter_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "adapter"
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def last_complete_checkpoint(folder: Path) -> str | None:
-    """The newest checkpoint, like ``get_last_checkpoint``, but skipping one whose save was cut short.
-
-    The Trainer writes ``trainer_state.json`` last, so a folder without it is incomplete.
-    """
-    complete = [checkpoint for checkpoint in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if (checkpoint / TRAINER_STATE).exists()]
-    return str(max(complete, key=lambda checkpoint: int(checkpoint.name.rsplit("-", 1)[1]))) if complete else None
-
-
+# --- runs ----------------------------------------------------------------------------------
 @dataclass
 class TrainingResult:
     """What :func:`train` did (``status``: "trained", "resumed" or "finished"), the adapter and the losses."""
@@ -296,42 +246,36 @@ class TrainingResult:
         return save_figure(figure, path)
 
 
-def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
-    """(train, validation) items of ``profile``'s curated data."""
-    return split_validation(load_curated(profile)[0])
+def _replica_digest(model: PreTrainedModel) -> str:
+    """SHA-256 of the trainable weights: equal on every process when data parallelism keeps them in step."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
-def mean_tokens(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> float:
-    """Mean tokens of a training example (begin, prompt, answer, end), over the first PLAN_SAMPLE items."""
-    sample = [item.prompt for item in items[:PLAN_SAMPLE]]
-    return statistics.fmean(len(ids) + 1 for ids in tokenizer(sample)["input_ids"])
-
-
-def training_plan(profile: config.Profile, device: Device | None = None,
-                  train_items: list[Item] | None = None) -> plan.TrainingPlan:
-    """The plan of :func:`train` for ``profile`` on ``device`` (default: this machine's) and its train items."""
-    train_items = training_items(profile)[0] if train_items is None else train_items
-    tokens = mean_tokens(base_tokenizer(profile), train_items)
-    return plan.plan(profile, len(train_items), tokens, device or detect_device())
-
-
-def _run_card(profile: config.Profile, the_plan: plan.TrainingPlan, state: TrainerState, validation_items: int,
-              resumed_from: str | None, **measured: object) -> dict:
+def _run_card(the_plan: TrainingPlan, settings: dict, state: TrainerState, validation_items: int,
+              resumed_from: Path | None, **measured: object) -> dict:
     eval_losses = [log["eval_loss"] for log in state.log_history if "eval_loss" in log]
     train_losses = [log["loss"] for log in state.log_history if "loss" in log]
     return {
-        "profile": profile.name,
-        "base_model": profile.base_model,
-        "model": model_label(profile),
+        "profile": the_plan.profile,
+        "base_model": the_plan.base_model,
+        "model": the_plan.model,
         "device": the_plan.device,
+        "processes": the_plan.processes,
         "hyperparameters": asdict(the_plan.training),
-        "data_sha256": load_manifest(profile)["sha256"],
-        "train_items": the_plan.items,
+        "data_sha256": the_plan.data_sha256,
+        "train_items": the_plan.books,
         "validation_items": validation_items,
         "global_step": state.global_step,
         "planned_steps": the_plan.steps,
         "planned_minutes": round(the_plan.minutes, 1) if the_plan.minutes is not None else None,
-        "resumed_from": Path(resumed_from).name if resumed_from else None,
+        "time_budget": settings.get("calibration"),
+        "books_seen": state.global_step * the_plan.effective_batch,
+        "resumed_from": resumed_from.name if resumed_from else None,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "eval_loss_before": eval_losses[0] if eval_losses else None,
         "eval_loss_after": eval_losses[-1] if eval_losses else None,
@@ -339,84 +283,129 @@ def _run_card(profile: config.Profile, the_plan: plan.TrainingPlan, state: Train
     }
 
 
-def _finished(profile: config.Profile, the_plan: plan.TrainingPlan, run_dir: Path, checkpoint: str,
-              state: TrainerState, validation_items: int) -> TrainingResult:
+def _finished(the_plan: TrainingPlan, settings: dict, run: RunDir, checkpoint: Path, state: TrainerState,
+              validation_items: int, hardware: Hardware) -> TrainingResult:
     """The result of a run whose last checkpoint is its final step: nothing is trained again.
 
     If the run stopped after that checkpoint but before saving its adapter, the adapter (and its
     tokenizer) are taken from the checkpoint, and a run card is written without speed figures.
     """
-    card_path = run_dir / "run_card.json"
-    if not (adapter_dir(run_dir) / "adapter_config.json").exists() or not card_path.exists():
-        write_folder_atomically(adapter_dir(run_dir), lambda folder: shutil.copytree(
+    if hardware.is_main and (not (run.adapter / "adapter_config.json").exists() or not run.card.exists()):
+        write_folder_atomically(run.adapter, lambda folder: shutil.copytree(
             checkpoint, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*TRAINER_FILES)))
-        card = _run_card(profile, the_plan, state, validation_items, checkpoint, wall_seconds=None,
+        card = _run_card(the_plan, settings, state, validation_items, checkpoint, wall_seconds=None,
                          tokens_per_second=None, peak_gpu_memory_gib=None, trainable_parameters=None)
-        write_file_atomically(card_path, lambda path: path.write_text(json.dumps(card, indent=2)))
-    card = json.loads(card_path.read_text())
-    return TrainingResult(run_dir, adapter_dir(run_dir), "finished", None, state.global_step, state.log_history, card)
+        write_file_atomically(run.card, lambda path: path.write_text(json.dumps(card, indent=2)))
+    hardware.barrier()
+    return TrainingResult(run.path, run.adapter, "finished", None, state.global_step, state.log_history,
+                          run.read_card())
 
 
-def train(profile: config.Profile, run_dir: Path | None = None, resume: bool = True,
-          device: Device | None = None, planned: plan.TrainingPlan | None = None) -> TrainingResult:
-    """Fine-tune the profile's base model on its curated train items; save adapter and run card.
+def _with_record(the_plan: TrainingPlan, recorded: dict) -> TrainingPlan:
+    """The plan with the recorded batch split and steps: a resumed run keeps them, on another GPU too."""
+    split = {name: recorded["training"][name] for name in ("batch_size", "gradient_accumulation_steps")}
+    return replace(the_plan, training=replace(the_plan.training, **split), steps=recorded["planned_steps"])
 
-    On a GPU the per-device batch is fitted to its memory (the effective batch is kept, see
-    :func:`helpers.plan.fit_batch`). With ``resume`` (the default) an interrupted run continues
-    from its newest complete checkpoint in ``run_dir/checkpoints``, and a run that already
-    reached its last step is not trained again. ``planned``: the :func:`training_plan` already
-    made for this profile and device (else it is made here). The Trainer shows its own progress bar.
+
+def _gpu_memory() -> dict[str, float | None]:
+    """Peak memory allocated and reserved by torch since the last reset (GiB; None without CUDA)."""
+    if not torch.cuda.is_available():
+        return {"peak_gpu_memory_gib": None, "peak_gpu_reserved_gib": None}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+def train(profile: config.Profile, hardware: Hardware, the_plan: TrainingPlan, run: RunDir | None = None,
+          resume: bool = True, quantization: BitsAndBytesConfig | None = None, lora: LoraConfig | None = None,
+          args: SFTConfig | None = None) -> TrainingResult:
+    """Fine-tune the profile's base model on its curated train items; save the adapter and the run card.
+
+    ``the_plan``: :func:`helpers.plan.make_plan` for this profile and ``hardware`` (printed before).
+    ``quantization``, ``lora``, ``args``: the recipe's three objects (default: built from the plan by
+    :func:`helpers.models.quantization_config`, :func:`lora_config` and :func:`sft_config`). The run in
+    ``run`` (default ``runs/<profile>/qlora``) is keyed by what it trains: with ``resume`` (the default)
+    an interrupted run with the same settings continues from its newest complete checkpoint, a finished
+    one is not trained again, and one with other settings stops with :class:`helpers.runs.RunMismatch`
+    naming them. ``resume=False`` starts afresh, deleting the folder's earlier checkpoints first. With
+    ``time_budget_minutes`` the run times its first steps and stops inside the budget.
     """
-    device = device or detect_device()
-    run_dir = Path(run_dir or default_run_dir(profile))
-    train_items, validation_items = training_items(profile)
-    the_plan = planned or training_plan(profile, device, train_items)
-    profile = replace(profile, training=the_plan.training)
-    resumed_from = last_complete_checkpoint(checkpoints_dir(run_dir)) if resume else None
-    state = TrainerState.load_from_json(str(Path(resumed_from) / TRAINER_STATE)) if resumed_from else None
-    if state is not None and state.global_step >= the_plan.steps:
-        return _finished(profile, the_plan, run_dir, resumed_from, state, len(validation_items))
+    started = time.perf_counter()
+    run = run or RunDir.default(profile)
+    quantization = quantization or quantization_config(hardware)
+    lora = lora or lora_config(the_plan.training)
+    args = copy.deepcopy(args or sft_config(the_plan.training, run, hardware))
+    check_recipe(args, quantization, run, hardware)
+    training = training_from(args, lora, the_plan.training)
+    tracking.trackers(training.report_to)  # an unknown tracker or a missing wandb stops before the model loads
+    the_plan = replace(the_plan, training=training, steps=optimizer_steps(the_plan.books, training, hardware.world_size))
+    wanted = {**the_plan.settings(), "quantization": describe_quantization(quantization)}
 
-    tracking.trackers(profile.training.report_to)  # an unknown tracker or a missing wandb stops before the model loads
-    model, tokenizer = load_base_model(profile)
-    trainer = make_trainer(profile, model, tokenizer, train_items, validation_items, run_dir, device,
-                           resumed_step=state.global_step if state else None)
+    recorded = run.recorded() if resume else None
+    if recorded is not None:
+        if diffs := differences(recorded, wanted):
+            raise RunMismatch(mismatch_message(run, diffs))
+        the_plan, settings = _with_record(the_plan, recorded), recorded
+    else:
+        if resume and run.last_checkpoint():
+            raise RunMismatch(mismatch_message(run, ["run_config.json: missing (a run from an older version of the "
+                                                     "course), so its settings cannot be checked"]))
+        settings = wanted
+        if hardware.is_main:
+            run.reset()
+            run.record(settings)
+        hardware.barrier()
+    train_items, validation_items = training_items(profile)
+    steps = settings.get("budgeted_steps", the_plan.steps)
+    checkpoint = run.last_checkpoint()
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE)) if checkpoint else None
+    if state is not None and state.global_step >= steps:
+        return _finished(the_plan, settings, run, checkpoint, state, len(validation_items), hardware)
+
+    args.per_device_train_batch_size = args.per_device_eval_batch_size = the_plan.training.batch_size
+    args.gradient_accumulation_steps = the_plan.training.gradient_accumulation_steps
+    args.max_steps = steps
+    callbacks = []
+    if training.time_budget_minutes and "budgeted_steps" not in settings:
+        def decided(calibration: Calibration) -> None:
+            settings.update(budgeted_steps=calibration.chosen_steps, calibration=asdict(calibration))
+            if hardware.is_main:
+                run.record(settings)
+                print(calibration.line(the_plan.effective_batch), flush=True)
+
+        callbacks.append(TimeBudget(training.time_budget_minutes, started, hardware, decided))
+
+    model, tokenizer = load_base_model(profile, hardware, quantization=quantization)
+    trainer = make_trainer(model, tokenizer, train_items, validation_items, run, hardware, args, lora,
+                           training.report_to, state.global_step if state else None, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resumed_from)
-    wall_seconds = time.perf_counter() - started
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    tokens = trainer.state.num_input_tokens_seen - (state.num_input_tokens_seen if state else 0)
+    replicas = hardware.gather(_replica_digest(trainer.model))
+    if hardware.is_main:  # one writer
+        def save(folder: Path) -> None:
+            trainer.model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
 
-    tokens_before = state.num_input_tokens_seen if state else 0
-    card = _run_card(
-        profile, the_plan, trainer.state, len(validation_items), resumed_from,
-        wall_seconds=round(wall_seconds, 1),
-        tokens_per_second=round((trainer.state.num_input_tokens_seen - tokens_before)
-                                / output.metrics["train_runtime"], 1),
-        peak_gpu_memory_gib=(round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                             if torch.cuda.is_available() else None),
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-    )
-    if trainer.is_world_process_zero():  # one writer when `accelerate launch` runs several processes
-        write_folder_atomically(adapter_dir(run_dir), lambda folder: (
-            trainer.model.save_pretrained(folder), tokenizer.save_pretrained(folder)))
-        write_file_atomically(run_dir / "run_card.json", lambda path: path.write_text(json.dumps(card, indent=2)))
-    return TrainingResult(run_dir, adapter_dir(run_dir), "resumed" if resumed_from else "trained", resumed_from,
-                          trainer.state.global_step, trainer.state.log_history, card)
-
-
-# --- a model with real shapes and random weights (memory and speed without the hub) --------
-def save_random_model(shape: PretrainedConfig, folder: Path, tokenizer: PreTrainedTokenizerBase,
-                      layers: int | None = None) -> Path:
-    """Save a randomly initialised Llama of ``shape`` (optionally only ``layers`` deep) with ``tokenizer``.
-
-    Random weights cost the same memory and time as trained ones, so such a folder, used as a
-    profile's ``base_model``, measures a real model's training without downloading it.
-    """
-    settings = shape.to_dict()
-    settings.update(num_hidden_layers=layers or shape.num_hidden_layers, pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(config.SEED)
-    model = AutoModelForCausalLM.from_config(type(shape)(**settings), dtype=torch.bfloat16)
-    write_folder_atomically(folder, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
-    return Path(folder)
+        write_folder_atomically(run.adapter, save)
+    measured = {
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "tokens_per_second": round(tokens / output.metrics["train_runtime"], 1),
+        **_gpu_memory(),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "replicas_identical": len(set(replicas)) == 1,
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+    }
+    card = _run_card(the_plan, settings, trainer.state, len(validation_items), checkpoint, **measured)
+    result = TrainingResult(run.path, run.adapter, "resumed" if checkpoint else "trained",
+                            str(checkpoint) if checkpoint else None, trainer.state.global_step,
+                            trainer.state.log_history, card)
+    del trainer, model  # notebook 04 loads models next: give the GPU memory back
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        card["gpu_memory_after_gib"] = round(torch.cuda.memory_reserved() / 2**30, 2)
+    if hardware.is_main:
+        write_file_atomically(run.card, lambda path: path.write_text(json.dumps(card, indent=2)))
+    hardware.barrier()
+    return result

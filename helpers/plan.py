@@ -1,19 +1,28 @@
-"""Sizing a QLoRA run before it starts: memory, the batch size the device holds, and time.
+"""Sizing a QLoRA run before it starts: the books it reads, memory, the batch split, steps and time.
 
 Everything here works offline from a model's *shape* (its ``config.json`` numbers): the
 published shapes of Llama-3.1-8B and Llama-3.2-3B are built in, a local folder is read, and
-the smoke model's is read from its cached checkpoint.
+the smoke model's is read from its cached checkpoint. Times are estimates until a run measures
+its own steps (see ``time_budget_minutes``): a rate measured here, in a run card on the same GPU
+kind and model or in the GPU check's report, wins over any published or scaled figure.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+import random
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from helpers import assets, config
-from helpers.environment import Device
+from helpers.curate import load_curated, load_manifest
+from helpers.hardware import Hardware
+from helpers.items import Item
+from helpers.models import base_tokenizer, model_label
 
 # The published shapes (their config.json), so memory and time can be planned without the hub.
 LLAMA_3_1_8B_SHAPE = LlamaConfig(
@@ -28,6 +37,27 @@ KNOWN_SHAPES = {config.LLAMA_HUB_ID: LLAMA_3_1_8B_SHAPE, config.LLAMA_3B_HUB_ID:
 GIB = 2**30
 MEMORY_HEADROOM = 0.85  # plan to fill at most this share of the GPU: fragmentation, long batches
 LOGIT_COPIES = 3  # float32 logits, their log-softmax and its gradient, per token, over the vocabulary
+PLAN_SAMPLE = 200  # training prompts tokenised to measure the mean example length
+GPU_CHECK_REPORT = "gpu_check.json"  # benchmarks/gpu_check.py's report, in the state folder's results/
+
+
+# --- the books a run reads ------------------------------------------------------------------
+def split_validation(train_items: list[Item]) -> tuple[list[Item], list[Item]]:
+    """(train, validation): a seeded slice of the curated train items, so the test set stays unseen."""
+    shuffled = random.Random(config.SEED).sample(train_items, len(train_items))
+    size = min(config.MAX_VALIDATION_ITEMS, max(1, round(len(train_items) * config.VALIDATION_FRACTION)))
+    return shuffled[size:], shuffled[:size]
+
+
+def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
+    """(train, validation) items of ``profile``'s curated data."""
+    return split_validation(load_curated(profile)[0])
+
+
+def mean_tokens(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> float:
+    """Mean tokens of a training example (begin, prompt, answer, end), over the first PLAN_SAMPLE items."""
+    sample = [item.prompt for item in items[:PLAN_SAMPLE]]
+    return statistics.fmean(len(ids) + 1 for ids in tokenizer(sample)["input_ids"])
 
 
 # --- the model's shape --------------------------------------------------------------------
@@ -107,52 +137,106 @@ def memory_estimate(model: str | PretrainedConfig, training: config.TrainingConf
                           overhead=overhead_gib)
 
 
-def fit_batch(model: str | PretrainedConfig, training: config.TrainingConfig,
-              memory_gib: float) -> config.TrainingConfig:
-    """``training`` with the largest per-device batch the GPU holds, the effective batch kept.
+def fit_batch(model: str | PretrainedConfig, training: config.TrainingConfig, memory_gib: float | None,
+              processes: int = 1) -> config.TrainingConfig:
+    """``training`` split for ``processes`` and the device: the effective batch kept, the per-device batch as
+    large as the GPU holds (``memory_gib`` None: a CPU, where the recipe's per-device batch is kept if it can be).
 
-    The effective batch (``batch_size * gradient_accumulation_steps``) is what the learning
-    rate was tuned for; only its split changes: 1 x 16 on a small GPU wastes a large one,
-    where 16 x 1 runs several times faster. Candidates are the divisors of the effective batch.
+    The effective batch (``batch_size * gradient_accumulation_steps * processes``) is what the learning
+    rate was tuned for: N processes each take 1/N of it (as nanoGPT divides its accumulation), and only
+    its split changes: 1 x 16 on a small GPU wastes a large one, where 16 x 1 runs several times faster.
+    Candidates are the divisors of the per-process share.
     """
     effective = training.batch_size * training.gradient_accumulation_steps
-    split = lambda batch: replace(training, batch_size=batch, gradient_accumulation_steps=effective // batch)
-    divisors = [batch for batch in range(effective, 0, -1) if effective % batch == 0]
+    share = max(1, round(effective / processes))  # an effective batch not divisible by N is rounded: the plan says so
+
+    def split(batch: int) -> config.TrainingConfig:
+        return replace(training, batch_size=batch, gradient_accumulation_steps=share // batch)
+
+    divisors = [batch for batch in range(share, 0, -1) if share % batch == 0]
+    if memory_gib is None:
+        return split(next((batch for batch in divisors if batch <= training.batch_size), 1))
     fits = (batch for batch in divisors
             if memory_estimate(model, split(batch)).total <= MEMORY_HEADROOM * memory_gib)
     return split(next(fits, 1))
 
 
 # --- time ---------------------------------------------------------------------------------
-def gpu_key(device: Device) -> str | None:
-    """The throughput table's name for ``device`` ("T4", "A100", "cpu"...), None if unknown."""
-    if device.kind != "cuda":
+def gpu_key(name: str) -> str | None:
+    """The throughput table's name for a device called ``name`` ("T4", "A100", "cpu"...), None if unknown."""
+    if name == "CPU":
         return "cpu"
-    name = device.name.upper().replace("NVIDIA", "").replace("TESLA", "")
-    return next((key for key in config.GPU_PEAK_TFLOPS if key in name.split("-")[0].split()), None)
+    words = name.upper().replace("NVIDIA", "").replace("TESLA", "").split()
+    return next((key for key in config.GPU_PEAK_TFLOPS if words and key == words[0].split("-")[0]), None)
 
 
-def throughput(device_key: str | None, model: str) -> config.Throughput | None:
-    """Training tokens/s for ``model`` on the device: from the table, else estimated by scaling."""
-    if (device_key, model) in config.THROUGHPUTS:
-        return config.THROUGHPUTS[device_key, model]
-    anchor_gpu, anchor_model = config.ESTIMATE_ANCHOR
+def measured_throughputs(home: Path | None = None) -> dict[tuple[str, str], config.Throughput]:
+    """Rates measured here: every run card under ``runs/`` and the GPU check's report, by (GPU kind, base model).
+
+    The newest file wins for a pair.
+    """
+    home = home or config.HOME
+    found: dict[tuple[str, str], tuple[float, config.Throughput]] = {}
+    for card_path in (home / "runs").glob("*/*/run_card.json"):
+        card = json.loads(card_path.read_text())
+        key, rate = gpu_key(card.get("device") or ""), card.get("tokens_per_second")
+        if key and rate:
+            mtime = card_path.stat().st_mtime
+            measured = config.Throughput(rate, "measured here", f"run card {card_path.relative_to(home)}")
+            if found.get((key, card["base_model"]), (0.0,))[0] <= mtime:
+                found[key, card["base_model"]] = (mtime, measured)
+    report = home / "results" / GPU_CHECK_REPORT
+    if report.exists():
+        mtime = report.stat().st_mtime
+        for row in json.loads(report.read_text()).get("throughputs", []):
+            key = gpu_key(row["device"])
+            if key and found.get((key, row["base_model"]), (0.0,))[0] <= mtime:
+                found[key, row["base_model"]] = (mtime, config.Throughput(
+                    row["tokens_per_second"], "measured here", f"{row['source']} ({report.relative_to(home)})"))
+    return {pair: throughput for pair, (_, throughput) in found.items()}
+
+
+def _resource_ratio(to: str, start: str) -> float:
+    """How much faster GPU ``to`` trains 4-bit QLoRA than ``start``: the smaller of the peak-compute and the
+    memory-bandwidth ratios, since either can bound a step (see config.GPU_BANDWIDTH_GBS)."""
+    return min(config.GPU_PEAK_TFLOPS[to] / config.GPU_PEAK_TFLOPS[start],
+               config.GPU_BANDWIDTH_GBS[to] / config.GPU_BANDWIDTH_GBS[start])
+
+
+def throughput(device_key: str | None, model: str,
+               measured: dict[tuple[str, str], config.Throughput] | None = None) -> config.Throughput | None:
+    """Training tokens/s for ``model`` on the device: measured here, else published, else estimated.
+
+    An estimate scales a figure for the same model on the GPU nearest in peak compute by
+    :func:`_resource_ratio` (a figure for another model also by the parameter ratio, as the work per
+    token grows with the parameters). None when nothing applies.
+    """
+    table = {**config.THROUGHPUTS, **(measured or {})}
+    if (device_key, model) in table:
+        return table[device_key, model]
     if device_key not in config.GPU_PEAK_TFLOPS or model not in config.MODEL_BILLIONS:
         return None
-    anchor = config.THROUGHPUTS[config.ESTIMATE_ANCHOR]
-    scale = (config.GPU_PEAK_TFLOPS[device_key] / config.GPU_PEAK_TFLOPS[anchor_gpu]
-             * config.MODEL_BILLIONS[anchor_model] / config.MODEL_BILLIONS[model])
+    anchors = [(gpu, anchor_model) for gpu, anchor_model in table
+               if gpu in config.GPU_PEAK_TFLOPS and anchor_model in config.MODEL_BILLIONS]
+    if not anchors:
+        return None
+    gpu, anchor_model = min(anchors, key=lambda pair: (
+        pair[1] != model, abs(math.log(config.GPU_PEAK_TFLOPS[pair[0]] / config.GPU_PEAK_TFLOPS[device_key]))))
+    anchor = table[gpu, anchor_model]
+    scale = _resource_ratio(device_key, gpu) * config.MODEL_BILLIONS[anchor_model] / config.MODEL_BILLIONS[model]
     return config.Throughput(anchor.tokens_per_second * scale, "estimated",
-                             f"the {anchor_gpu} figure for {anchor_model.rsplit('/', 1)[-1]} x {scale:.2f} "
-                             f"(peak tensor TFLOP/s {config.GPU_PEAK_TFLOPS[device_key]} vs "
-                             f"{config.GPU_PEAK_TFLOPS[anchor_gpu]}, parameters)")
+                             f"the {gpu} figure for {anchor_model.rsplit('/', 1)[-1]} ({anchor.kind}) x {scale:.2f} "
+                             f"(the smaller of the compute and bandwidth ratios{', and parameters' if anchor_model != model else ''})")
 
 
-def optimizer_steps(items: int, training: config.TrainingConfig, processes: int = 1) -> int:
-    """Optimizer steps of a run, counted as the Trainer counts them (``max_steps`` wins when set)."""
+def optimizer_steps(books: int, training: config.TrainingConfig, processes: int = 1) -> int:
+    """Optimizer steps of a run, counted as the Trainer counts them (``max_steps`` wins when set).
+
+    Each of the ``processes`` reads its share of the books, ``batch_size`` at a time.
+    """
     if training.max_steps > 0:
         return training.max_steps
-    batches = math.ceil(items / (training.batch_size * processes))
+    batches = math.ceil(books / (training.batch_size * processes))
     per_epoch = max(batches // training.gradient_accumulation_steps
                     + int(batches % training.gradient_accumulation_steps > 0), 1)
     return math.ceil(training.epochs * per_epoch)
@@ -163,21 +247,28 @@ class TrainingPlan:
     """What a run will do and roughly how long it takes, printed before it starts."""
 
     profile: str
-    model: str
+    base_model: str
+    model: str  # its readable label
     device: str
-    items: int
-    tokens_per_item: float
-    training: config.TrainingConfig  # with the batch split chosen for the device
+    processes: int
+    books: int
+    tokens_per_book: float
+    training: config.TrainingConfig  # with the batch split chosen for the device and the processes
     steps: int
     memory: MemoryEstimate | None  # GPU memory at the chosen batch (None on CPU)
     speed: config.Throughput | None
     budget_minutes: float
+    data_sha256: str = ""
+
+    @property
+    def effective_batch(self) -> int:
+        """Books per optimizer step, over every process."""
+        return self.training.batch_size * self.training.gradient_accumulation_steps * self.processes
 
     @property
     def tokens(self) -> float:
         """Training tokens the run reads: examples seen x mean tokens per example."""
-        examples = self.steps * self.training.batch_size * self.training.gradient_accumulation_steps
-        return examples * self.tokens_per_item
+        return self.steps * self.effective_batch * self.tokens_per_book
 
     @property
     def checkpoints(self) -> int:
@@ -188,17 +279,34 @@ class TrainingPlan:
         return self.tokens / self.speed.tokens_per_second / 60 if self.speed else None
 
     @property
+    def time_budget(self) -> float | None:
+        return self.training.time_budget_minutes
+
+    @property
+    def budgeted_steps(self) -> int | None:
+        """The steps the time budget is expected to allow, by the speed figure (calibration fixes the real number)."""
+        if self.time_budget is None or self.speed is None:
+            return None
+        step_seconds = self.effective_batch * self.tokens_per_book / self.speed.tokens_per_second
+        return max(1, min(self.steps, int(self.time_budget * 60 / step_seconds)))
+
+    @property
     def fits_budget(self) -> bool | None:
+        if self.time_budget is not None:  # the budget stops the run: it always fits, maybe with fewer books
+            return True
         return None if self.minutes is None else self.minutes <= self.budget_minutes
 
     def lines(self) -> list[str]:
         """The plan as readable lines, ending with a warning when it does not fit the budget."""
         training = self.training
+        split = f"{training.batch_size} x {training.gradient_accumulation_steps}"
+        if self.processes > 1:
+            split += f" x {self.processes} processes"
         lines = [
             f"Plan for profile {self.profile!r}: {self.model} on {self.device}",
-            f"  {self.items:,} training books, ~{self.tokens_per_item:.0f} tokens each",
-            f"  {self.steps:,} optimizer steps of {training.batch_size} x {training.gradient_accumulation_steps} "
-            f"(per-device batch x accumulation), {self.tokens / 1e6:,.2f}M tokens",
+            f"  {self.books:,} training books, ~{self.tokens_per_book:.0f} tokens each",
+            f"  {self.steps:,} optimizer steps of {self.effective_batch} books ({split}: per-device batch x "
+            f"accumulation{' x processes' if self.processes > 1 else ''}), {self.tokens / 1e6:,.2f}M tokens",
             f"  a checkpoint every {training.save_steps} steps: {self.checkpoints} in all",
         ]
         if self.memory:
@@ -208,67 +316,50 @@ class TrainingPlan:
         else:
             lines.append(f"  time: ~{self.minutes:,.0f} min at {self.speed.tokens_per_second:,.0f} tokens/s "
                          f"({self.speed.kind}: {self.speed.source})")
+        if self.time_budget is not None:
+            expected = (f": ~{self.budgeted_steps:,} steps, {self.budgeted_steps * self.effective_batch:,} books by "
+                        f"the figure above" if self.budgeted_steps else "")
+            lines.append(f"  time budget {self.time_budget:g} min: the first steps are timed on this device, then "
+                         f"the run stops inside the budget{expected} (an estimate until calibration)")
         if self.fits_budget is False:
             lines.append(f"WARNING: ~{self.minutes:,.0f} min exceeds this profile's budget of "
-                         f"{self.budget_minutes:.0f} min: use a "
-                         "smaller profile (lite), fewer books or max_steps, or a faster GPU.")
+                         f"{self.budget_minutes:.0f} min: set a time budget (time_budget_minutes, TIME_BUDGET, "
+                         "--time-budget), use a smaller profile (lite), fewer books or max_steps, or a faster GPU.")
         return lines
+
+    def settings(self) -> dict:
+        """What the run trains with, as ``run_config.json`` records it (see :mod:`helpers.runs`)."""
+        return {"profile": self.profile, "base_model": self.base_model, "data_sha256": self.data_sha256,
+                "train_books": self.books, "processes": self.processes, "effective_batch": self.effective_batch,
+                "time_budget_minutes": self.time_budget, "planned_steps": self.steps,
+                "training": asdict(self.training)}
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
 
-def plan(profile: config.Profile, items: int, tokens_per_item: float, device: Device) -> TrainingPlan:
-    """The plan for training ``profile`` on ``items`` books on ``device`` (batch split fitted to a GPU)."""
-    training, memory = profile.training, None
-    if device.kind == "cuda":
-        training = fit_batch(profile.base_model, training, device.memory_gib)
-        memory = memory_estimate(profile.base_model, training)
+def make_plan(profile: config.Profile, hardware: Hardware, books: int | None = None,
+              tokens_per_book: float | None = None) -> TrainingPlan:
+    """The plan for training ``profile`` on ``hardware``: its curated train books (or ``books``, a count, with
+    ``tokens_per_book``, to plan before curation), the batch split fitted to the device and the processes."""
+    sha = ""
+    if books is None:
+        train_items = training_items(profile)[0]
+        books, sha = len(train_items), load_manifest(profile)["sha256"]
+        tokens_per_book = mean_tokens(base_tokenizer(profile), train_items)
+    training = fit_batch(profile.base_model, profile.training, hardware.memory_gib if hardware.kind == "cuda" else None,
+                         hardware.world_size)
+    memory = memory_estimate(profile.base_model, training) if hardware.kind == "cuda" else None
     return TrainingPlan(
-        profile=profile.name, model=profile.base_model.rsplit("/", 1)[-1], device=device.name, items=items,
-        tokens_per_item=tokens_per_item, training=training, steps=optimizer_steps(items, training),
-        memory=memory, speed=throughput(gpu_key(device), profile.base_model),
-        budget_minutes=profile.budget_minutes,
+        profile=profile.name, base_model=profile.base_model, model=model_label(profile), device=hardware.name,
+        processes=hardware.world_size, books=books, tokens_per_book=tokens_per_book, training=training,
+        steps=optimizer_steps(books, training, hardware.world_size), memory=memory,
+        speed=throughput(gpu_key(hardware.name), profile.base_model, measured_throughputs()),
+        budget_minutes=profile.budget_minutes, data_sha256=sha,
     )
 
 
-# --- the profile x device table for the README ----------------------------------------------
-TABLE_DEVICES = {
-    "cpu": Device("cpu", "CPU", None, None),
-    "T4": Device("cuda", "Tesla T4", (7, 5), 14.6),
-    "L4": Device("cuda", "NVIDIA L4", (8, 9), 22.0),
-    "A100": Device("cuda", "NVIDIA A100-SXM4-40GB", (8, 0), 39.4),
-    "H100": Device("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 79.1),
-}
-
-
-def planned_items(profile: config.Profile) -> int:
+def planned_books(profile: config.Profile) -> int:
     """Training books of ``profile`` before its data is curated (full's estimate, lite's subset), validation out."""
     curated = profile.train_subset or config.FULL_TRAIN_ITEMS_ESTIMATE
     return curated - min(config.MAX_VALIDATION_ITEMS, round(curated * config.VALIDATION_FRACTION))
-
-
-def main() -> None:
-    """Print the expected training minutes of every profile on the devices it suits, as Markdown."""
-    from helpers import finetune  # finetune builds on this module
-
-    smoke = config.get_profile("smoke")
-    tokens = finetune.mean_tokens(assets.llama3_tokenizer_offline(), finetune.training_items(smoke)[0])
-    rows = [finetune.training_plan(smoke, TABLE_DEVICES["cpu"])]
-    for name in ("lite", "full"):
-        profile = config.get_profile(name)
-        rows += [plan(profile, planned_items(profile), tokens, TABLE_DEVICES[key]) for key in ("T4", "L4", "A100", "H100")]
-    print("| profile | model | books | device | batch | steps | GPU memory (GiB, est.) | minutes | kind |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        memory = f"{row.memory.total:.1f}" if row.memory else "-"
-        budget = "" if row.fits_budget is not False else f" (over the {row.budget_minutes:.0f}-min budget)"
-        print(f"| {row.profile} | {row.model} | {row.items:,} | {row.device} | {row.training.batch_size} x "
-              f"{row.training.gradient_accumulation_steps} | {row.steps:,} | {memory} | {row.minutes:,.0f}{budget} "
-              f"| {row.speed.kind} |")
-    print(f"\nBooks: smoke from its curated sample; lite its subset; full {config.FULL_TRAIN_ITEMS_ESTIMATE:,} "
-          f"(estimated) less validation. Tokens per book: {tokens:.0f} (Llama 3.1, curated sample prompts).")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,23 +21,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from peft import PeftConfig, PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import assets, config, finetune
+from helpers import config
 from helpers.items import Item
 
 LARGEST_PRICE = 999  # every price in the course rounds to 1..999 dollars
 MAX_NEW_TOKENS = 6  # "999.00" digit by digit; a whole-number tokenizer needs 3 ("999", ".", "00")
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 
 
 def parse_price(text: str) -> float | None:
@@ -267,57 +264,3 @@ def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     if number_token_ids(tokenizer) is not None or digit_token_ids(tokenizer) is not None:
         return DistributionPredictor(model, tokenizer, profile.predict_batch_size, reading)
     return GeneratePredictor(model, tokenizer, profile.predict_batch_size)
-
-
-def adapter_source(profile: config.Profile, adapter: str | Path | None = None) -> str:
-    """``adapter`` (a folder or a hub id) as given, else this profile's own run's (``runs/<profile>/qlora/adapter``)."""
-    return str(adapter or finetune.adapter_dir(finetune.default_run_dir(profile)))
-
-
-def adapter_config(adapter: str, profile: config.Profile, default: bool) -> PeftConfig:
-    """The adapter's configuration, read before the base model loads; a missing one names the fix."""
-    folder = Path(adapter).expanduser()
-    if folder.is_dir() or not _HUB_ID.match(adapter):
-        if not (folder / "adapter_config.json").exists():
-            fix = (f"run notebook 04 or `python -m helpers.train --profile {profile.name}` first, or set "
-                   "ADAPTER to a trained adapter" if default else "set ADAPTER to a trained adapter")
-            raise FileNotFoundError(f"No LoRA adapter in {folder} (no adapter_config.json): {fix}: its folder "
-                                    "(a run's `qlora/adapter`) or its hub id (owner/name).")
-        return PeftConfig.from_pretrained(str(folder))
-    try:
-        return PeftConfig.from_pretrained(adapter, **assets.hub_options())
-    except ValueError as error:
-        raise FileNotFoundError(
-            f"{adapter!r} is neither a folder here nor a LoRA adapter on the Hugging Face hub "
-            f"({error.__cause__ or error}). Check the hub id (owner/name) or the folder; a private hub repo "
-            "needs HF_TOKEN (Colab: Secrets)."
-        ) from error
-
-
-def finetuned_name(model: PeftModel, profile: config.Profile, adapter: str | Path | None = None) -> str:
-    """The leaderboard name of a fine-tuned model: its LoRA rank, the adapter if given, and the base model."""
-    source = f", {adapter}" if adapter else ""
-    return f"Fine-tuned (QLoRA r={model.peft_config['default'].r}{source}), {finetune.model_label(profile)}"
-
-
-def load_finetuned(profile: config.Profile, adapter: str | Path | None = None, quantized: bool = True,
-                   dtype: torch.dtype | None = None,
-                   device: str | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base model (4-bit unless ``quantized=False``) with a trained LoRA adapter attached, ready for inference.
-
-    ``adapter``: a folder holding ``adapter_config.json``, or the hub id of an adapter repo (say, the one a
-    workshop's teacher trained and shared); default: this profile's run (``runs/<profile>/qlora/adapter``).
-    The adapter must have been trained on this profile's base model. ``dtype`` and ``device``: as in
-    :func:`helpers.finetune.load_base_model`.
-    """
-    source = adapter_source(profile, adapter)
-    trained_on = adapter_config(source, profile, default=not adapter).base_model_name_or_path
-    expected = assets.model_path(profile.base_model)
-    if trained_on and Path(trained_on).name.lower() != Path(expected).name.lower():
-        raise ValueError(f"The adapter {source} was trained on {trained_on}, but profile {profile.name!r} loads "
-                         f"{expected}: set PROFILE to the profile the adapter was trained with.")
-    # the tokenizer saved with the adapter is this one
-    base, tokenizer = finetune.load_base_model(profile, quantized=quantized, dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(base, source, **assets.hub_options())
-    model.eval()
-    return model, tokenizer

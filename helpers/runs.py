@@ -1,0 +1,122 @@
+"""A run folder: where a training run keeps its checkpoints, adapter, card and the settings it trains with.
+
+    runs/<profile>/qlora/
+        run_config.json   what the run trains: profile, base model, data SHA-256, every TrainingConfig
+                          field, the batch split, the processes, the planned (or time-budgeted) steps
+        checkpoints/      the Trainer's checkpoint-N folders (the newest two are kept)
+        adapter/          the final LoRA adapter and its tokenizer
+        run_card.json     results: losses, speed, memory
+        tensorboard/      the curves
+
+A run is identified by what it trains, as curation's stage parts are keyed by their source, rules
+and tokenizer: ``run_config.json`` is written before the first step, and a resume or a "finished"
+verdict needs the same settings. A changed one stops with :class:`RunMismatch`, naming each field.
+
+Only the standard library is used here, so prediction, the demo and the export find a run's
+adapter without importing the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers import config
+from helpers.storage import write_file_atomically
+
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: a checkpoint without it is incomplete
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (a test keeps them equal)
+# What a checkpoint holds besides the adapter and its tokenizer (left out when the adapter is taken from it).
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", TRAINER_STATE, "training_args.bin")
+# TrainingConfig fields that change how a run is watched or saved, not what it learns: they may differ on a resume.
+OPERATIONAL = ("save_steps", "eval_steps", "logging_steps", "report_to", "push_to_hub",
+               "batch_size", "gradient_accumulation_steps")  # the split is kept from the record; the effective batch counts
+
+
+class RunMismatch(ValueError):
+    """The run folder holds a run with other settings than the ones asked for."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run."""
+
+    path: Path
+
+    @classmethod
+    def default(cls, profile: config.Profile) -> RunDir:
+        """The profile's own run: ``runs/<profile>/qlora``."""
+        return cls(profile.runs_dir / "qlora")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def card(self) -> Path:
+        return self.path / "run_card.json"
+
+    @property
+    def settings(self) -> Path:
+        return self.path / "run_config.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (one whose save was cut short has no trainer state), or None."""
+        complete = [folder for folder in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}-*")
+                    if (folder / TRAINER_STATE).exists()]
+        return max(complete, key=lambda folder: int(folder.name.rsplit("-", 1)[1])) if complete else None
+
+    def recorded(self) -> dict | None:
+        """The settings this run trains with, or None before its first start."""
+        return json.loads(self.settings.read_text()) if self.settings.exists() else None
+
+    def record(self, settings: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(self.settings, lambda tmp: tmp.write_text(json.dumps(settings, indent=2)))
+
+    def reset(self) -> None:
+        """Start afresh: remove the checkpoints, adapter, card, settings and curves of an earlier run."""
+        for folder in (self.checkpoints, self.adapter, self.tensorboard):
+            shutil.rmtree(folder, ignore_errors=True)
+        for file in (self.card, self.settings):
+            file.unlink(missing_ok=True)
+
+    def read_card(self) -> dict:
+        return json.loads(self.card.read_text())
+
+
+def differences(recorded: dict, wanted: dict) -> list[str]:
+    """``"field: recorded -> wanted"`` for each setting that changes what a run trains."""
+    def identity(settings: dict) -> dict:
+        training = {f"training.{name}": value for name, value in settings["training"].items()
+                    if name not in OPERATIONAL}
+        return {**{name: value for name, value in settings.items() if name in IDENTITY}, **training}
+
+    old, new = identity(recorded), identity(wanted)
+    return [f"{name}: {old.get(name)!r} in the run, {new.get(name)!r} now"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+
+
+# Top-level settings that must match (the TrainingConfig fields are compared one by one, OPERATIONAL aside).
+IDENTITY = ("profile", "base_model", "data_sha256", "train_books", "processes", "effective_batch",
+            "time_budget_minutes")
+
+
+def mismatch_message(run: RunDir, diffs: list[str]) -> str:
+    return (f"{run.path} holds a run with other settings:\n  " + "\n  ".join(diffs)
+            + "\nEither train into another run folder (run_dir=..., --output-dir), keeping this one, or start "
+              "afresh here (resume=False, --no-resume), which deletes its checkpoints and adapter.")
