@@ -12,11 +12,16 @@ from __future__ import annotations
 import argparse
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 from helpers import config, finetune
+from helpers.hardware import Hardware
+from helpers.models import load_finetuned
+from helpers.plan import make_plan
+from helpers.runs import RunDir
 from helpers.curate import curate, load_curated
 from helpers.evaluate import eval_items, evaluate
-from helpers.predict import llm_predictor, load_finetuned
+from helpers.predict import llm_predictor
 
 
 def main() -> None:
@@ -27,14 +32,15 @@ def main() -> None:
     if not (smoke.curated_dir / "manifest.json").exists():
         curate(smoke)
     items = eval_items(load_curated(smoke)[1], smoke)
-    rows = []
+    rows, hardware = [], Hardware.detect()
     for setting in args.settings:
         rate, steps = setting.split(":")
         training = replace(smoke.training, learning_rate=float(rate), max_steps=int(steps),
                            save_steps=int(steps), eval_steps=max(1, int(steps) // 2))
         profile = replace(smoke, training=training)
         with tempfile.TemporaryDirectory() as run_dir:
-            result = finetune.train(profile, run_dir=run_dir, resume=False)
+            result = finetune.train(profile, hardware, make_plan(profile, hardware), RunDir(Path(run_dir)),
+                                    resume=False)
             model, tokenizer = load_finetuned(profile, result.adapter_dir)
             evaluation = evaluate(setting, llm_predictor(model, tokenizer, profile), items, batched=True)
         card = result.run_card

@@ -186,7 +186,8 @@ def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tra
     With TensorBoard in ``report_to`` the main process logs to ``run/tensorboard`` (``resumed_step``: the
     step of the checkpoint the run resumes from, if any).
     """
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora)
     logs = tracking.TENSORBOARD in tracking.trackers(report_to) and hardware.is_main
     trainer = SFTTrainer(

@@ -207,9 +207,9 @@ def throughput(device_key: str | None, model: str,
                measured: dict[tuple[str, str], config.Throughput] | None = None) -> config.Throughput | None:
     """Training tokens/s for ``model`` on the device: measured here, else published, else estimated.
 
-    An estimate scales a figure for the same model on the GPU nearest in peak compute by
-    :func:`_resource_ratio` (a figure for another model also by the parameter ratio, as the work per
-    token grows with the parameters). None when nothing applies.
+    An estimate scales the figure of the GPU nearest in peak compute (the same model's first) by
+    :func:`_resource_ratio`, and a figure for another model by the parameter ratio (the work per token
+    grows with the parameters). None when nothing applies.
     """
     table = {**config.THROUGHPUTS, **(measured or {})}
     if (device_key, model) in table:
@@ -221,7 +221,7 @@ def throughput(device_key: str | None, model: str,
     if not anchors:
         return None
     gpu, anchor_model = min(anchors, key=lambda pair: (
-        pair[1] != model, abs(math.log(config.GPU_PEAK_TFLOPS[pair[0]] / config.GPU_PEAK_TFLOPS[device_key]))))
+        abs(math.log(config.GPU_PEAK_TFLOPS[pair[0]] / config.GPU_PEAK_TFLOPS[device_key])), pair[1] != model))
     anchor = table[gpu, anchor_model]
     scale = _resource_ratio(device_key, gpu) * config.MODEL_BILLIONS[anchor_model] / config.MODEL_BILLIONS[model]
     return config.Throughput(anchor.tokens_per_second * scale, "estimated",

@@ -33,6 +33,9 @@ TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", TRAINER_STATE,
 # TrainingConfig fields that change how a run is watched or saved, not what it learns: they may differ on a resume.
 OPERATIONAL = ("save_steps", "eval_steps", "logging_steps", "report_to", "push_to_hub",
                "batch_size", "gradient_accumulation_steps")  # the split is kept from the record; the effective batch counts
+# Top-level run settings that must match (the TrainingConfig fields are compared one by one, OPERATIONAL aside).
+IDENTITY = ("profile", "base_model", "data_sha256", "train_books", "processes", "effective_batch",
+            "time_budget_minutes")
 
 
 class RunMismatch(ValueError):
@@ -106,17 +109,13 @@ def differences(recorded: dict, wanted: dict) -> list[str]:
                     if name not in OPERATIONAL}
         return {**{name: value for name, value in settings.items() if name in IDENTITY}, **training}
 
-    old, new = identity(recorded), identity(wanted)
+    old, new = (identity(json.loads(json.dumps(settings))) for settings in (recorded, wanted))  # as the file holds them
     return [f"{name}: {old.get(name)!r} in the run, {new.get(name)!r} now"
             for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 
 
-# Top-level settings that must match (the TrainingConfig fields are compared one by one, OPERATIONAL aside).
-IDENTITY = ("profile", "base_model", "data_sha256", "train_books", "processes", "effective_batch",
-            "time_budget_minutes")
-
 
 def mismatch_message(run: RunDir, diffs: list[str]) -> str:
     return (f"{run.path} holds a run with other settings:\n  " + "\n  ".join(diffs)
-            + "\nEither train into another run folder (run_dir=..., --output-dir), keeping this one, or start "
+            + "\nEither train into another run folder (run=RunDir(...), --output-dir), keeping this one, or start "
               "afresh here (resume=False, --no-resume), which deletes its checkpoints and adapter.")

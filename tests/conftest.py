@@ -11,7 +11,7 @@ import torch
 
 from peft import get_peft_model
 
-from helpers import config, finetune
+from helpers import config, finetune, models
 from helpers.data import parse_price
 from helpers.items import FORMATS, Item, describe
 
@@ -86,7 +86,7 @@ def sample_items() -> list[Item]:
 
 def _save_smoke_adapter(profile: config.Profile, folder) -> None:
     torch.manual_seed(config.SEED)
-    base, tokenizer = finetune.load_base_model(profile, quantized=False)
+    base, tokenizer = models.load_base_model(profile, quantized=False)
     settings = finetune.lora_config(profile.training)
     settings.init_lora_weights = False
     model = get_peft_model(base, settings)

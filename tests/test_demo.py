@@ -14,7 +14,8 @@ import pytest
 from gradio_client import Client
 from httpx import HTTPError
 
-from helpers import assets, baselines, config, demo, finetune
+from helpers import assets, baselines, config, demo
+from helpers.runs import RunDir
 from helpers.curate import curate, item_from_record, load_curated
 from helpers.tokens import KEPT
 
@@ -33,7 +34,7 @@ def profile(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pricer(profile, save_adapter) -> demo.Pricer:
     """The demo's models for the smoke profile's run (a trained-looking adapter)."""
-    save_adapter(profile, finetune.adapter_dir(finetune.default_run_dir(profile)))
+    save_adapter(profile, RunDir.default(profile).adapter)
     return demo.Pricer(profile)
 
 

@@ -15,7 +15,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import config, export, finetune, plan, predict
+from helpers import config, export, models
+from helpers.runs import RunDir
 from helpers.predict import DistributionPredictor
 
 BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
@@ -40,9 +41,8 @@ def smoke(tmp_path_factory, save_adapter):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
         profile = config.get_profile("smoke")
-        run = finetune.default_run_dir(profile)
-        save_adapter(profile, finetune.adapter_dir(run))
-        (run / "run_card.json").write_text(json.dumps({"profile": "smoke", "global_step": 12}))
+        save_adapter(profile, RunDir.default(profile).adapter)
+        RunDir.default(profile).card.write_text(json.dumps({"profile": "smoke", "global_step": 12}))
         yield profile
 
 
@@ -64,7 +64,7 @@ def no_token(monkeypatch, tmp_path):
 
 
 def test_the_merged_model_prices_books_as_the_attached_adapter_does(smoke, prompts):
-    attached, tokenizer = predict.load_finetuned(smoke, quantized=False, dtype=torch.float32, device="cpu")
+    attached, tokenizer = models.load_finetuned(smoke, quantized=False, dtype=torch.float32, device="cpu")
     with_adapter = distribution(attached, tokenizer, prompts)
     with attached.disable_adapter():
         without = distribution(attached, tokenizer, prompts)
@@ -85,17 +85,17 @@ def test_the_cli_saves_a_bf16_model_with_tokenizer_run_card_and_license(smoke, p
     assert model.dtype == torch.bfloat16 and tokenizer.pad_token_id == model.config.pad_token_id
     card = json.loads((folder / "run_card.json").read_text())
     assert card["global_step"] == 12 and card["export"]["dtype"] == "bfloat16"
-    assert card["export"]["adapter"] == str(finetune.adapter_dir(finetune.default_run_dir(smoke)))
+    assert card["export"]["adapter"] == str(RunDir.default(smoke).adapter)
     assert "Apache License" in (folder / "LICENSE.txt").read_text() and "Apache" in (folder / "NOTICE").read_text()
     readme = (folder / "README.md").read_text()
     assert "license: apache-2.0" in readme and config.QUESTION in readme and "Built with Llama" not in readme
 
-    attached, tokenizer = predict.load_finetuned(smoke, quantized=False, dtype=torch.bfloat16, device="cpu")
+    attached, tokenizer = models.load_finetuned(smoke, quantized=False, dtype=torch.bfloat16, device="cpu")
     difference = distance(distribution(model, tokenizer, prompts), distribution(attached, tokenizer, prompts))
     print(f"bf16, merged vs attached: {difference:.3f}")
     assert difference < BF16_TOLERANCE
-    assert export.default_output_dir(smoke, predict.adapter_source(smoke)) == (
-        finetune.default_run_dir(smoke) / "merged")
+    assert export.default_output_dir(smoke, models.adapter_source(smoke)) == (
+        RunDir.default(smoke).path / "merged")
 
 
 def test_a_llama_export_carries_its_license_notice_and_name():
@@ -116,7 +116,7 @@ def test_llama_3_2_takes_its_license_from_its_hub_repo(monkeypatch, tmp_path):
 
 
 def test_too_little_ram_stops_before_loading_and_names_the_fix(monkeypatch):
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=11.5 * plan.GIB))  # a free Colab
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=11.5 * export.GIB))  # a free Colab
     with pytest.raises(MemoryError, match=r"about 16 GiB .* 11\.5 GiB available.*High-RAM.*--adapter-only"):
         export.merged_model(config.get_profile("full"))
     export.check_memory(config.get_profile("lite"), torch.bfloat16)  # Llama-3.2-3B fits
@@ -144,4 +144,4 @@ def test_adapter_only_pushes_the_adapter_folder_to_a_private_repo(smoke, monkeyp
     export.main(["--profile", "smoke", "--adapter-only", "--push-to-hub", "someone/book-pricer"])
     assert calls == [("create", ("someone/book-pricer",), {"private": True, "exist_ok": True}),
                      ("upload", {"repo_id": "someone/book-pricer", "commit_message": export.ADAPTER_MESSAGE,
-                                 "folder_path": str(finetune.adapter_dir(finetune.default_run_dir(smoke)))})]
+                                 "folder_path": str(RunDir.default(smoke).adapter)})]

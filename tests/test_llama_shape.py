@@ -16,9 +16,12 @@ import pytest
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import assets, config, finetune, plan
-from helpers.curate import curate
-from helpers.predict import DistributionPredictor, load_finetuned
+from helpers import assets, config, finetune, models, plan
+from helpers.curate import curate, load_curated
+from helpers.hardware import Hardware
+from helpers.models import load_finetuned
+from helpers.predict import DistributionPredictor
+from helpers.runs import RunDir
 
 LAYERS = 1
 TRAIN_BOOKS = 12  # a seeded subset: 11 to train on, 1 for the eval loss
@@ -27,8 +30,8 @@ TRAIN_BOOKS = 12  # a seeded subset: 11 to train on, 1 for the eval loss
 @pytest.fixture(scope="module")
 def llama_8b_widths(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("llama-3.1-8b-shape") / "model"
-    return str(finetune.save_random_model(plan.LLAMA_3_1_8B_SHAPE, folder, assets.llama3_tokenizer_offline(),
-                                          layers=LAYERS))
+    return str(models.save_random_model(plan.LLAMA_3_1_8B_SHAPE, folder, assets.llama3_tokenizer_offline(),
+                                        layers=LAYERS))
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,10 @@ def full_profile(llama_8b_widths, tmp_path_factory):
                                                   gradient_accumulation_steps=1))
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_matches_a_real_4bit_model_within_10_percent(full_profile):
     training = full_profile.training
-    model, _ = finetune.load_base_model(full_profile)
+    model, _ = models.load_base_model(full_profile, Hardware.card("cpu"))
     model = get_peft_model(prepare_model_for_kbit_training(model), finetune.lora_config(training))
     finetune.keep_adapter_in_float32(model)
     measured = model.get_memory_footprint() / plan.GIB
@@ -61,13 +65,16 @@ def test_the_memory_estimate_matches_a_real_4bit_model_within_10_percent(full_pr
 
 
 def test_the_data_path_masks_the_prompt_and_pads_with_the_finetune_pad(full_profile, tmp_path):
-    tokenizer = finetune.base_tokenizer(full_profile)  # read from the local folder, as from the hub
+    tokenizer = models.base_tokenizer(full_profile)  # read from the local folder, as from the hub
     assert tokenizer.pad_token == config.LLAMA_PAD_TOKEN and tokenizer.pad_token_id == 128004
     assert tokenizer.eos_token == "<|end_of_text|>"
-    items = finetune.training_items(full_profile)[0][:2]
+    items = plan.training_items(full_profile)[0][:2]
     tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    trainer = finetune.make_trainer(full_profile, tiny, tokenizer, items, items[:1], tmp_path)
+    cpu, run = Hardware.card("cpu"), RunDir(tmp_path)
+    training = plan.make_plan(full_profile, cpu).training
+    trainer = finetune.make_trainer(tiny, tokenizer, items, items[:1], run, cpu, finetune.sft_config(training, run, cpu),
+                                    finetune.lora_config(training))
     for row, item in zip(trainer.train_dataset, items):
         labels = [label for label in row["labels"] if label != -100]
         assert tokenizer.decode(labels) == f"{item.dollars}.00<|end_of_text|>"
@@ -76,8 +83,10 @@ def test_the_data_path_masks_the_prompt_and_pads_with_the_finetune_pad(full_prof
     assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.slow
 def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile, tmp_path):
-    result = finetune.train(full_profile, run_dir=tmp_path / "run")
+    cpu = Hardware.card("cpu")
+    result = finetune.train(full_profile, cpu, plan.make_plan(full_profile, cpu), RunDir(tmp_path / "run"))
     card = result.run_card
     assert result.status == "trained" and card["global_step"] == 2
     settings = card["hyperparameters"]
@@ -90,7 +99,7 @@ def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile,
     assert card["eval_loss_before"] > 0 and card["tokens_per_second"] > 0
 
     model, tokenizer = load_finetuned(full_profile, result.adapter_dir)
-    books = finetune.load_curated(full_profile)[1][:4]
+    books = load_curated(full_profile)[1][:4]
     predictions = DistributionPredictor(model, tokenizer, batch_size=2).predict(books)
     assert ((1 <= predictions.argmax) & (predictions.argmax <= 999)).all()
     assert ((1 <= predictions.mean) & (predictions.mean <= 999)).all()

@@ -10,12 +10,14 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from helpers import config, finetune, tracking
+from helpers.hardware import Hardware
+from helpers.runs import RunDir
 
 
 def test_tensorboard_logs_by_default_and_is_added_by_the_trainer_not_report_to(tmp_path):
     profile = config.get_profile("smoke")
     assert tracking.trackers(profile.training.report_to) == ["tensorboard"]
-    assert finetune.sft_config(profile, tmp_path).report_to == []  # "none": our own callback logs to the run folder
+    assert finetune.sft_config(profile.training, RunDir(tmp_path), Hardware.card("cpu")).report_to == []  # "none": our own callback logs to the run folder
 
 
 def test_wandb_is_opt_in_and_named_in_the_fix_when_missing(tmp_path, monkeypatch):
@@ -25,10 +27,10 @@ def test_wandb_is_opt_in_and_named_in_the_fix_when_missing(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb"
                         else real_find_spec(name, *args))
     with pytest.raises(ImportError, match="pip install wandb.*wandb login"):
-        finetune.sft_config(wandb, tmp_path)
+        finetune.sft_config(wandb.training, RunDir(tmp_path), Hardware.card("cpu"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
     assert tracking.trackers("tensorboard, wandb") == ["tensorboard", "wandb"]
-    settings = finetune.sft_config(wandb, tmp_path / "checkpoints", run_name="qlora-r4")
+    settings = finetune.sft_config(wandb.training, RunDir(tmp_path / "qlora-r4"), Hardware.card("cpu"))
     assert settings.report_to == ["wandb"] and settings.run_name == "qlora-r4"
 
 
