@@ -33,6 +33,10 @@ LLAMA_3_2_3B_SHAPE = LlamaConfig(
     vocab_size=128_256, hidden_size=3_072, intermediate_size=8_192, num_hidden_layers=28,
     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
 )
+LLAMA_3_1_70B_SHAPE = LlamaConfig(  # too large for one GPU even in 4 bits: the FSDP recipe's example
+    vocab_size=128_256, hidden_size=8_192, intermediate_size=28_672, num_hidden_layers=80,
+    num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
+)
 KNOWN_SHAPES = {config.LLAMA_HUB_ID: LLAMA_3_1_8B_SHAPE, config.LLAMA_3B_HUB_ID: LLAMA_3_2_3B_SHAPE}
 GIB = 2**30
 MEMORY_HEADROOM = 0.85  # plan to fill at most this share of the GPU: fragmentation, long batches
@@ -107,6 +111,11 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         return self.weights + self.adapter_and_optimizer + self.activations + self.overhead
+
+    def sharded(self, processes: int) -> MemoryEstimate:
+        """Per GPU under FSDP over ``processes`` GPUs: weights, adapter and optimizer state split, activations not."""
+        return replace(self, weights=self.weights / processes,
+                       adapter_and_optimizer=self.adapter_and_optimizer / processes)
 
 
 def memory_estimate(model: str | PretrainedConfig, training: config.TrainingConfig,
