@@ -3,9 +3,11 @@
 A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
 (``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
 an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
-recorded with its reason, and never stops the evaluation. The exception to that rule is a
-*machine* failure (out of memory, a CUDA error): it says nothing about the model's answers,
-so it stops the evaluation with its message and a hint (:func:`is_machine_failure`).
+recorded with its reason, and never stops the evaluation. Two exceptions to that rule stop it, with
+their message and the fix: a *machine* failure (out of memory, a CUDA error), which says nothing
+about the model's answers (:func:`is_machine_failure`); and a predictor that raised on *every*
+book, which priced nothing: that is a bug in the predictor (say, inputs on another device than the
+model), not a score to put on the leaderboard.
 
 Metrics are computed over the successful predictions only; failures are reported
 separately (``n_failed`` and :attr:`Evaluation.failures`). The one exception is
@@ -24,8 +26,10 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +69,22 @@ def _describe_error(error: Exception) -> str:
     return f"raised {type(error).__name__}: {error}"
 
 
-_MACHINE_ERROR = re.compile(r"CUDA|CUBLAS|cuDNN|out of memory", re.IGNORECASE)
+# How the CUDA runtime and its libraries word their failures (case-sensitive: "cuda:0" in a message about
+# tensors on two devices is a bug in the code, not a failing machine).
+MACHINE_MESSAGES = ("CUDA error:", "CUDA out of memory", "CUBLAS_STATUS_", "cuDNN error:")
 
 
 def is_machine_failure(error: BaseException) -> bool:
-    """True for out-of-memory and CUDA/torch runtime errors: the machine failed, not the model's answer."""
-    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError
-            or (isinstance(error, RuntimeError) and bool(_MACHINE_ERROR.search(str(error)))))
+    """True for out of memory and accelerator runtime errors: the machine failed, not the model's answer.
+
+    That is a ``MemoryError``, a ``torch.OutOfMemoryError`` or ``torch.AcceleratorError``, or a
+    ``RuntimeError`` holding one of :data:`MACHINE_MESSAGES`.
+    """
+    torch = sys.modules.get("torch")  # a torch error needs torch loaded; the classical baselines never load it
+    torch_errors = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError")
+                         if hasattr(torch, name))  # AcceleratorError is new in torch 2.8; Colab keeps its own torch
+    return (isinstance(error, (MemoryError, *torch_errors))
+            or isinstance(error, RuntimeError) and any(message in str(error) for message in MACHINE_MESSAGES))
 
 
 def _stop_on_machine_failure(name: str, error: Exception) -> None:
@@ -82,9 +95,9 @@ def _stop_on_machine_failure(name: str, error: Exception) -> None:
                            "the accelerator's memory, then run the evaluation again.") from error
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluation:
-    """One model's predictions on a list of items (NaN where a prediction failed)."""
+    """One model's predictions on a list of items (NaN where a prediction failed); not changed once made."""
 
     name: str
     truths: np.ndarray
@@ -119,7 +132,7 @@ class Evaluation:
         levels = sorted(self.intervals)
         return pd.DataFrame({"nominal": levels, "observed": [self.coverage(level) for level in levels]})
 
-    @property
+    @cached_property
     def metrics(self) -> dict[str, float | int]:
         """n, n_failed, MAE with its bootstrap CI, median AE, RMSLE (successes only), hit rate (all items),
         coverage of the :data:`config.INTERVAL_LEVEL` interval (NaN without intervals)."""
@@ -171,17 +184,21 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
              batched: bool = False) -> Evaluation:
     """Price ``items`` with ``predictor`` and keep every answer, good or failed.
 
-    Bad outputs never stop the run. Two things raise: a batched predictor that returns the wrong
-    number of prices (``ValueError``, a bug in the predictor, not a bad guess), and a machine failure
-    such as out of memory (``RuntimeError`` with the original error as its cause).
+    Bad outputs never stop the run. Three things raise, each a fault to fix rather than a bad guess: a
+    batched predictor that returns the wrong number of prices (``ValueError``); a machine failure such as
+    out of memory, and a predictor that raised on every book (``RuntimeError``, the original error as
+    its cause).
     """
     outputs: list[tuple[object, str | None]]  # (value, reason it failed before returning)
+    first_error: Exception | None = None  # only the first: a traceback holds its frames' tensors
+    raised = 0
     reading, intervals = POINT, {}
     if batched:
         try:
             values = predictor(list(items))
         except Exception as error:  # any failure of the model is a result to report, unless the machine failed
             _stop_on_machine_failure(name, error)
+            first_error, raised = first_error or error, raised + 1
             outputs = [(None, _describe_error(error))] * len(items)
         else:
             count = len(values) if hasattr(values, "__len__") else None
@@ -202,7 +219,12 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
                 outputs.append((predictor(item), None))
             except Exception as error:  # any failure of the model is a result to report, unless the machine failed
                 _stop_on_machine_failure(name, error)
+                first_error, raised = first_error or error, raised + 1
                 outputs.append((None, _describe_error(error)))
+    if first_error is not None and raised == (1 if batched else len(items)):
+        raise RuntimeError(f"Evaluating {name!r} stopped: every prediction raised; the first "
+                           f"{_describe_error(first_error)}\nFix: that is a bug in the predictor or its model, not a "
+                           "bad guess; fix it (the traceback above shows where), then evaluate again.") from first_error
     predictions = np.full(len(items), np.nan)
     failures = []
     for index, (value, reason) in enumerate(outputs):

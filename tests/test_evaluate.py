@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -55,6 +56,13 @@ def test_metrics_skip_failures_but_hit_rate_counts_them_as_misses() -> None:
     assert evaluation.colors == ["green", "green", "red", "red"]
 
 
+def test_metrics_are_computed_once_on_an_evaluation_that_does_not_change() -> None:
+    evaluation = scored([10, 20, 100], [12, 15, 50])
+    assert evaluation.metrics is evaluation.metrics  # one bootstrap, however often it is read
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evaluation.predictions = np.array([10.0, 20.0, 100.0])
+
+
 def test_all_failed_gives_nan_metrics_and_a_summary() -> None:
     evaluation = scored([10, 20], [None, None], name="mute")
     metrics = evaluation.metrics
@@ -104,16 +112,8 @@ def test_bad_predictions_are_counted_not_crashed() -> None:
     assert "7 failed" in summary and "model crashed" in summary
 
 
-def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
+def test_batched_predictor_bad_answers_are_counted() -> None:
     items = [make_item(asin=str(index)) for index in range(3)]
-
-    def broken(batch):
-        raise ValueError("cannot parse the prompt")
-
-    evaluation = evaluate("broken", broken, items, batched=True)
-    assert [index for index, _ in evaluation.failures] == [0, 1, 2]
-    assert all("cannot parse the prompt" in reason for _, reason in evaluation.failures)
-
     partial = evaluate("partial", lambda batch: np.array([10.0, np.nan, -1.0]), items, batched=True)
     assert [index for index, _ in partial.failures] == [1, 2]
     assert partial.predictions[0] == 10.0
@@ -123,7 +123,10 @@ def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
 
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
     RuntimeError("CUDA error: device-side assert triggered"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, ...)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
     MemoryError("Unable to allocate 12.0 GiB"),
 ])
 @pytest.mark.parametrize("batched", [True, False])
@@ -137,6 +140,38 @@ def test_machine_failures_stop_the_evaluation_with_the_fix(error: Exception, bat
         evaluate("big model", out_of_memory, items, batched=batched)
     assert str(error) in str(raised.value) and raised.value.__cause__ is error
     assert is_machine_failure(error) and not is_machine_failure(RuntimeError("model crashed"))
+
+
+DEVICE_MISMATCH = RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               "cuda:0 and cpu! (when checking argument for argument index in method wrapper_CUDA__index_select)")
+
+
+def test_a_device_mismatch_is_a_bug_in_the_code_not_a_machine_failure() -> None:
+    assert not is_machine_failure(DEVICE_MISMATCH)
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def long_books_on_the_wrong_device(item):
+        if item.asin == "0":
+            raise DEVICE_MISMATCH
+        return 10.0
+
+    evaluation = evaluate("half-moved model", long_books_on_the_wrong_device, items)
+    assert [index for index, _ in evaluation.failures] == [0]
+    assert "Expected all tensors to be on the same device" in evaluation.failures[0][1]
+
+
+@pytest.mark.parametrize("error", [DEVICE_MISMATCH, ValueError("cannot parse the prompt")])
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_predictor_that_raises_on_every_book_stops_as_a_bug(error: Exception, batched: bool) -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def broken(_):
+        raise error
+
+    with pytest.raises(RuntimeError, match="every prediction raised") as raised:
+        evaluate("broken", broken, items, batched=batched)
+    assert "bug in the predictor" in str(raised.value) and "predict_batch_size" not in str(raised.value)
+    assert str(error) in str(raised.value) and raised.value.__cause__ is error
 
 
 def test_batched_predictor_of_wrong_length_is_a_programming_error() -> None:
