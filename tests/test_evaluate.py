@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import make_item
@@ -254,6 +255,72 @@ def test_paired_bootstrap_against_the_best_classical_baseline(tmp_path) -> None:
     assert "vs strong baseline (95% CI) ($)" in lines[0]
     assert "| LLM | 4.00 |" in lines[2] and "| -2.00 (-2.00 to -2.00) |" in lines[2]
     assert any(line.startswith("| strong baseline |") and "| reference |" in line for line in lines)
+
+
+def test_two_runs_of_one_name_keep_their_own_rows_by_key(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="QLoRA r=8"), key="runs/a/adapter")
+    board.record(scored([10, 20], [13, 23], name="QLoRA r=8"), key="runs/b/adapter")
+    board.record(scored([10, 20], [11, 21], name="QLoRA r=8"), key="runs/a/adapter")  # a re-run of a
+    table = board.table()
+    assert table["key"].tolist() == ["runs/a/adapter", "runs/b/adapter", "baseline"]
+    assert table["mae"].tolist() == pytest.approx([1.0, 3.0, 5.0])
+    assert table["diff"].tolist() == pytest.approx([-4.0, -2.0, 0.0])
+    assert board.predictions().columns.tolist() == ["truth", "baseline", "runs/a/adapter", "runs/b/adapter"]
+    assert board.paired("runs/b/adapter", "runs/a/adapter")[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="runs/a/adapter, runs/b/adapter"):
+        board.paired("QLoRA r=8", "baseline")  # which of the two?
+    lines = board.markdown().splitlines()
+    assert lines[2].startswith("| QLoRA r=8 [runs/a/adapter] | 1.00 |")
+    assert lines[3].startswith("| QLoRA r=8 [runs/b/adapter] | 3.00 |") and lines[4].startswith("| baseline |")
+    assert len(board.plot().axes[0].patches) == 3  # one bar each, not one shared by the repeated name
+
+
+def test_a_leaderboard_written_before_keys_reads_each_name_as_its_key(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="LLM"))
+    rows = pd.read_csv(board.path).drop(columns="key")
+    rows.to_csv(board.path, index=False)  # as the leaderboard was written before rows had keys
+    assert board.table()["key"].tolist() == ["LLM", "baseline"]
+    assert board.table().loc[0, "diff"] == pytest.approx(-3.0)
+    board.record(scored([10, 20], [11, 21], name="LLM"))
+    assert board.table()["name"].tolist() == ["LLM", "baseline"]  # replaced, not added
+    assert board.table().loc[0, "mae"] == pytest.approx(1.0)
+
+
+def test_an_explicit_reference_replaces_the_best_baseline(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="QLoRA 4-bit"), key="runs/smoke/qlora/adapter")
+    board.record(scored([10, 20], [13, 23], name="QLoRA merged bf16"), key="runs/smoke/qlora/merged")
+    table = board.table(reference="QLoRA 4-bit")
+    assert set(table["vs_reference"]) == {"runs/smoke/qlora/adapter"}
+    assert table.set_index("name")["diff"].to_dict() == pytest.approx(
+        {"QLoRA 4-bit": 0.0, "QLoRA merged bf16": 1.0, "baseline": 3.0})
+    lines = board.markdown(reference="runs/smoke/qlora/adapter").splitlines()
+    assert "vs QLoRA 4-bit (95% CI) ($)" in lines[0]
+    assert "| reference |" in lines[2] and "| +1.00 (+1.00 to +1.00) |" in lines[3]
+    assert "vs baseline" in board.markdown().splitlines()[0]
+    with pytest.raises(ValueError, match="no-such-model"):
+        board.table(reference="no-such-model")
+
+
+def test_rows_scored_on_other_books_are_marked_and_compared_with_nothing(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [11, 21], name="old baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="old LLM"))
+    board.record(scored([30, 40, 50], [35, 45, 55], name="new baseline"), train_items=10)  # other books
+    board.record(scored([30, 40, 50], [32, 42, 52], name="new LLM"))
+    assert board.reference() == "new baseline"  # the best baseline on the books the others can be compared on
+    table = board.table().set_index("name")
+    assert table["latest_books"].to_dict() == {"old baseline": False, "old LLM": False, "new LLM": True,
+                                               "new baseline": True}
+    assert table.loc["new LLM", "diff"] == pytest.approx(-3.0) and table.loc["old LLM", ["diff"]].isna().all()
+    markdown = board.markdown()
+    assert "| old LLM | 2.00 | 2.00-2.00 | other books |" in markdown
+    assert "*other books* were scored on another set of books" in markdown
 
 
 def test_profile_paths_and_the_fixed_eval_subset() -> None:
