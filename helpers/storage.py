@@ -3,8 +3,8 @@
 A folder is written beside its target, then swapped in with two renames (the old folder aside into a
 hidden ``.name-old-<hex>`` folder, the new one in). An exception between them puts the old folder back;
 a kill between them leaves it aside, and the next write of that target (or :func:`recover_folder`)
-puts it back. This relies on POSIX ``rename``; writers of one target at the same time race: the last
-swap wins, and one that loses may raise ``OSError``, but none leaves a mix or loses the target.
+puts it back. This relies on POSIX ``rename``. Writers of one target at the same time race: the last
+swap wins (a writer whose target moved under it tries again), and none leaves a mix or loses the target.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 _OLD = "-old-"  # .name-old-<32 hex digits>/name holds the old folder during a swap
@@ -45,8 +45,12 @@ def _set_aside(target: Path) -> list[Path]:
     if not target.parent.is_dir():
         return []
     pattern = re.compile(rf"\.{re.escape(target.name)}{_OLD}[0-9a-f]{{32}}")
-    found = [path for path in target.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir()]
-    return sorted(found, key=lambda path: path.stat().st_mtime_ns)
+    found: dict[Path, int] = {}
+    for path in target.parent.iterdir():
+        if pattern.fullmatch(path.name):
+            with suppress(FileNotFoundError):  # another process recovered it meanwhile
+                found[path] = path.stat().st_mtime_ns
+    return sorted(found, key=found.get)
 
 
 def recover_folder(target: Path) -> bool:
@@ -56,8 +60,9 @@ def recover_folder(target: Path) -> bool:
     aside = _set_aside(target)
     if not target.exists():
         for holder in reversed(aside):  # the newest copy wins
-            if (holder / target.name).is_dir():
+            with suppress(OSError):  # another process got there first: it restored this copy, or wrote target
                 (holder / target.name).rename(target)
+            if target.exists():
                 break
     if target.exists():
         for holder in aside:
