@@ -1,4 +1,5 @@
-# Two commands: `make smoke` (set up, then run the whole course offline on CPU) and `make test`.
+# Two commands: `make smoke` (set up, then run the whole course offline on CPU) and `make test`
+# (everything CI runs); `make test-fast` is the unit loop while editing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train test bench clean colab demo demo-check export
+.PHONY: setup smoke curate train test test-fast bench clean colab demo demo-check export
 
 setup: $(VENV)/.installed
 
@@ -48,6 +49,10 @@ export: setup
 test: setup
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1200 -p no:cacheprovider
+
+# The unit tests only: no notebooks, none marked slow (trainings, served pages, pip, subprocesses).
+test-fast: setup
+	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
 bench: setup
 	$(PY) benchmarks/bench_curation.py

@@ -17,6 +17,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from helpers import config
@@ -37,6 +38,11 @@ GATED_HELP = (
     "{model} is gated on the Hugging Face hub. Accept the Llama 3.1 license at "
     "https://huggingface.co/{model}, then log in: `hf auth login`, or set HF_TOKEN "
     "(on Colab: add HF_TOKEN under Secrets). Offline, use the smoke profile."
+)
+REFUSED_HELP = (
+    "The Hugging Face hub refused {model} (HTTP {status}): check that the id is spelled right; if the model "
+    "is private or gated, accept its license at https://huggingface.co/{model} and log in: `hf auth login`, "
+    "or set HF_TOKEN (on Colab: add HF_TOKEN under Secrets). Offline, use the smoke profile."
 )
 
 
@@ -100,14 +106,32 @@ def hub_options() -> dict:
     return {"token": hub_token(), "cache_dir": config.HF_CACHE / "hub" if config.HF_CACHE else None}
 
 
+def hub_refusal(error: BaseException) -> HfHubHTTPError | None:
+    """The hub error behind ``error`` that refused access (a ``GatedRepoError``, or an HTTP 401 or 403
+    answer), found in ``error`` itself or its ``__cause__``/``__context__`` chain; None when there is none.
+
+    transformers wraps hub errors in a plain ``OSError`` raised ``from`` them, so the type is in the chain.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError) or (
+                isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) in (401, 403)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def from_hub(loader, model_id: str, **kwargs):
     """Call a ``from_pretrained`` loader, turning access errors into a message naming the fix."""
     try:
         return loader(model_id, **hub_options(), **kwargs)
-    except OSError as error:  # GatedRepoError, 401/403, no network are all OSErrors here
-        text = str(error).lower()
-        if any(word in text for word in ("gated", "401", "403", "restricted", "token")):
+    except OSError as error:  # hub errors are OSErrors, and transformers wraps them in one
+        refusal = hub_refusal(error)
+        if isinstance(refusal, GatedRepoError):
             raise PermissionError(GATED_HELP.format(model=model_id)) from error
+        if refusal is not None:
+            raise PermissionError(REFUSED_HELP.format(model=model_id, status=refusal.response.status_code)) from error
         raise OSError(f"Could not load {model_id!r} from the Hugging Face hub ({error}). "
                       "Check the internet connection, or use the smoke profile offline.") from error
 

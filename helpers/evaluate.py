@@ -3,9 +3,11 @@
 A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
 (``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
 an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
-recorded with its reason, and never stops the evaluation. The exception to that rule is a
-*machine* failure (out of memory, a CUDA error): it says nothing about the model's answers,
-so it stops the evaluation with its message and a hint (:func:`is_machine_failure`).
+recorded with its reason, and never stops the evaluation. Two exceptions to that rule stop it, with
+their message and the fix: a *machine* failure (out of memory, a CUDA error), which says nothing
+about the model's answers (:func:`is_machine_failure`); and a predictor that raised on *every*
+book, which priced nothing: that is a bug in the predictor (say, inputs on another device than the
+model), not a score to put on the leaderboard.
 
 Metrics are computed over the successful predictions only; failures are reported
 separately (``n_failed`` and :attr:`Evaluation.failures`). The one exception is
@@ -16,16 +18,19 @@ A batched predictor may return a price *distribution* per book (any sequence of 
 has ``reading``, the name of the point reading it holds, and ``interval(level) -> (low, high)``,
 like :class:`helpers.predict.PriceDistributions`): the harness then scores the coverage of its
 :data:`config.INTERVAL_LEVEL` interval and draws its calibration chart. The leaderboard compares
-every model with the best classical baseline by a paired bootstrap on the same books.
+every model with the best classical baseline (or a reference you name) by a paired bootstrap on the same books.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +47,7 @@ from helpers.storage import write_file_atomically
 FAILURES_IN_SUMMARY = 3
 METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate", "coverage")
 POINT = "point"  # the reading of a predictor that answers one price per book
+OTHER_BOOKS = "other books"  # the leaderboard's mark for a row scored on another set of books than the latest
 
 ItemPredictor = Callable[[Item], object]
 BatchPredictor = Callable[[list[Item]], Sequence[object]]
@@ -65,13 +71,22 @@ def _describe_error(error: Exception) -> str:
     return f"raised {type(error).__name__}: {error}"
 
 
-_MACHINE_ERROR = re.compile(r"CUDA|CUBLAS|cuDNN|out of memory", re.IGNORECASE)
+# How the CUDA runtime and its libraries word their failures (case-sensitive: "cuda:0" in a message about
+# tensors on two devices is a bug in the code, not a failing machine).
+MACHINE_MESSAGES = ("CUDA error:", "CUDA out of memory", "CUBLAS_STATUS_", "cuDNN error:")
 
 
 def is_machine_failure(error: BaseException) -> bool:
-    """True for out-of-memory and CUDA/torch runtime errors: the machine failed, not the model's answer."""
-    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"  # torch.OutOfMemoryError
-            or (isinstance(error, RuntimeError) and bool(_MACHINE_ERROR.search(str(error)))))
+    """True for out of memory and accelerator runtime errors: the machine failed, not the model's answer.
+
+    That is a ``MemoryError``, a ``torch.OutOfMemoryError`` or ``torch.AcceleratorError``, or a
+    ``RuntimeError`` holding one of :data:`MACHINE_MESSAGES`.
+    """
+    torch = sys.modules.get("torch")  # a torch error needs torch loaded; the classical baselines never load it
+    torch_errors = tuple(getattr(torch, name) for name in ("OutOfMemoryError", "AcceleratorError")
+                         if hasattr(torch, name))  # AcceleratorError is new in torch 2.8; Colab keeps its own torch
+    return (isinstance(error, (MemoryError, *torch_errors))
+            or isinstance(error, RuntimeError) and any(message in str(error) for message in MACHINE_MESSAGES))
 
 
 def _stop_on_machine_failure(name: str, error: Exception) -> None:
@@ -82,9 +97,9 @@ def _stop_on_machine_failure(name: str, error: Exception) -> None:
                            "the accelerator's memory, then run the evaluation again.") from error
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluation:
-    """One model's predictions on a list of items (NaN where a prediction failed)."""
+    """One model's predictions on a list of items (NaN where a prediction failed); not changed once made."""
 
     name: str
     truths: np.ndarray
@@ -119,7 +134,7 @@ class Evaluation:
         levels = sorted(self.intervals)
         return pd.DataFrame({"nominal": levels, "observed": [self.coverage(level) for level in levels]})
 
-    @property
+    @cached_property
     def metrics(self) -> dict[str, float | int]:
         """n, n_failed, MAE with its bootstrap CI, median AE, RMSLE (successes only), hit rate (all items),
         coverage of the :data:`config.INTERVAL_LEVEL` interval (NaN without intervals)."""
@@ -171,17 +186,21 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
              batched: bool = False) -> Evaluation:
     """Price ``items`` with ``predictor`` and keep every answer, good or failed.
 
-    Bad outputs never stop the run. Two things raise: a batched predictor that returns the wrong
-    number of prices (``ValueError``, a bug in the predictor, not a bad guess), and a machine failure
-    such as out of memory (``RuntimeError`` with the original error as its cause).
+    Bad outputs never stop the run. Three things raise, each a fault to fix rather than a bad guess: a
+    batched predictor that returns the wrong number of prices (``ValueError``); a machine failure such as
+    out of memory, and a predictor that raised on every book (``RuntimeError``, the original error as
+    its cause).
     """
     outputs: list[tuple[object, str | None]]  # (value, reason it failed before returning)
+    first_error: Exception | None = None  # only the first: a traceback holds its frames' tensors
+    raised = 0
     reading, intervals = POINT, {}
     if batched:
         try:
             values = predictor(list(items))
         except Exception as error:  # any failure of the model is a result to report, unless the machine failed
             _stop_on_machine_failure(name, error)
+            first_error, raised = first_error or error, raised + 1
             outputs = [(None, _describe_error(error))] * len(items)
         else:
             count = len(values) if hasattr(values, "__len__") else None
@@ -202,7 +221,12 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
                 outputs.append((predictor(item), None))
             except Exception as error:  # any failure of the model is a result to report, unless the machine failed
                 _stop_on_machine_failure(name, error)
+                first_error, raised = first_error or error, raised + 1
                 outputs.append((None, _describe_error(error)))
+    if first_error is not None and raised == (1 if batched else len(items)):
+        raise RuntimeError(f"Evaluating {name!r} stopped: every prediction raised; the first "
+                           f"{_describe_error(first_error)}\nFix: that is a bug in the predictor or its model, not a "
+                           "bad guess; fix it (the traceback above shows where), then evaluate again.") from first_error
     predictions = np.full(len(items), np.nan)
     failures = []
     for index, (value, reason) in enumerate(outputs):
@@ -305,11 +329,19 @@ def save_charts(evaluation: Evaluation, profile: Profile) -> dict[str, Path]:
 
 # --- the leaderboard -----------------------------------------------------------------------
 class Leaderboard:
-    """Every model's metrics in one CSV, one row per model name (a re-run replaces its row), and every
-    model's per-book predictions in a second CSV next to it (``<stem>-predictions.csv``) for paired comparisons.
+    """Every model's metrics in one CSV, one row per model *key* (a re-run replaces its row), and every model's
+    per-book predictions on the latest set of books in a second CSV next to it (``<stem>-predictions.csv``, one
+    column per key) for paired comparisons.
 
-    The reference of the paired comparison is the best *classical baseline*: the lowest-MAE row recorded
-    with ``train_items`` (notebook 02 records every baseline so).
+    A key says which model a row is (an adapter folder, a hub id); it defaults to the display name, so two
+    models of one name (two runs of the same rank, say) keep two rows only when recorded with their own keys.
+    Wherever a model is asked for, its key or its name (when only one row has it) will do.
+
+    The reference of the paired comparison is the best *classical baseline* on the latest books: the
+    lowest-MAE row recorded with ``train_items`` (notebook 02 records every baseline so), unless a
+    ``reference`` is named. Recording a different set of books starts the predictions afresh: the rows
+    scored on the old books keep their metrics, but ``latest_books`` is False and they are compared with
+    nothing until they are evaluated again.
     """
 
     def __init__(self, path: Path) -> None:
@@ -318,77 +350,126 @@ class Leaderboard:
 
     def _rows(self) -> pd.DataFrame:
         if not self.path.exists():
-            return pd.DataFrame(columns=["name", *METRIC_COLUMNS, "reading"])
-        return pd.read_csv(self.path, dtype={"name": str})
+            return pd.DataFrame(columns=["name", "key", *METRIC_COLUMNS, "reading"])
+        rows = pd.read_csv(self.path, dtype={"name": str, "key": str})
+        if "key" not in rows:  # written before rows had keys: each name was its own key
+            rows.insert(1, "key", rows["name"])
+        rows["key"] = rows["key"].fillna(rows["name"])
+        return rows
 
     def predictions(self) -> pd.DataFrame:
-        """One row per book: ``truth``, then one column of predictions per model (NaN where it failed)."""
+        """One row per book: ``truth``, then one column of predictions per model key (NaN where it failed)."""
         return pd.read_csv(self.predictions_path) if self.predictions_path.exists() else pd.DataFrame()
 
-    def record(self, evaluation: Evaluation, **extra: object) -> None:
-        """Write ``evaluation``'s metrics, reading (and ``extra`` columns), replacing any row of the same name,
-        and its per-book predictions (a different set of books starts the predictions file afresh)."""
-        new = pd.DataFrame([{"name": evaluation.name, **evaluation.metrics, "reading": evaluation.reading, **extra}])
+    def record(self, evaluation: Evaluation, key: str | os.PathLike | None = None, **extra: object) -> None:
+        """Write ``evaluation``'s metrics, reading (and ``extra`` columns) under ``key`` (default: its name),
+        replacing any row of the same key, and its per-book predictions (a different set of books starts the
+        predictions file afresh)."""
+        key = evaluation.name if key is None else str(key)
+        if key == "truth":
+            raise ValueError("'truth' is the predictions file's column of true prices: record this model under "
+                             "another key (record(evaluation, key=...)).")
+        new = pd.DataFrame([{"name": evaluation.name, "key": key, **evaluation.metrics, "reading": evaluation.reading,
+                             **extra}])
         kept = self._rows()
-        kept = kept[kept["name"] != evaluation.name]
+        kept = kept[kept["key"] != key]
         rows = pd.concat([kept, new], ignore_index=True) if len(kept) else new
         books = self.predictions()
         if "truth" not in books or not np.array_equal(books["truth"].to_numpy(), evaluation.truths):
             books = pd.DataFrame({"truth": evaluation.truths})
-        books[evaluation.name] = evaluation.predictions
+        books[key] = evaluation.predictions
         write_file_atomically(self.predictions_path, lambda tmp: books.to_csv(tmp, index=False))
         write_file_atomically(self.path, lambda tmp: rows.to_csv(tmp, index=False))
 
+    def _key(self, rows: pd.DataFrame, model: str) -> str | None:
+        """The key of ``model``, given as a key or as a name only one row has; None when no row matches."""
+        if (rows["key"] == model).any():
+            return model
+        keys = rows.loc[rows["name"] == model, "key"].tolist()
+        if len(keys) > 1:
+            raise ValueError(f"{len(keys)} rows of {self.path} are named {model!r}: name one by its key "
+                             f"({', '.join(sorted(keys))}).")
+        return keys[0] if keys else None
+
     def reference(self) -> str | None:
-        """The best classical baseline (lowest MAE among rows with ``train_items``), or None."""
+        """The key of the best classical baseline on the latest books (lowest MAE among rows with
+        ``train_items``), or None."""
         rows = self._rows()
         if "train_items" not in rows:
             return None
-        baselines = rows[rows["train_items"].notna()].dropna(subset=["mae"]).sort_values("mae", kind="stable")
-        return None if baselines.empty else str(baselines["name"].iloc[0])
+        baselines = rows[rows["train_items"].notna() & rows["key"].isin(self.predictions().columns)]
+        baselines = baselines.dropna(subset=["mae"]).sort_values("mae", kind="stable")
+        return None if baselines.empty else str(baselines["key"].iloc[0])
 
-    def paired(self, name: str, reference: str) -> tuple[float, float, float]:
-        """MAE of ``name`` minus MAE of ``reference`` on the books both priced, and its paired-bootstrap CI
-        (negative: ``name`` errs less); NaNs when either has no predictions on these books."""
-        books = self.predictions()
-        if name not in books or reference not in books:
+    @staticmethod
+    def _paired(books: pd.DataFrame, key: str, reference: str) -> tuple[float, float, float]:
+        if key not in books or reference not in books:
             return math.nan, math.nan, math.nan
         truths = books["truth"].to_numpy()
-        difference = (np.abs(books[name].to_numpy() - truths) - np.abs(books[reference].to_numpy() - truths))
+        difference = (np.abs(books[key].to_numpy() - truths) - np.abs(books[reference].to_numpy() - truths))
         difference = difference[~np.isnan(difference)]
         if not len(difference):
             return math.nan, math.nan, math.nan
         return (float(difference.mean()), *bootstrap_ci(difference))
 
-    def table(self) -> pd.DataFrame:
-        """All rows, best (lowest) MAE first, with each row's paired MAE difference against :meth:`reference`
-        (``vs_reference``, ``diff``, ``diff_ci_low``, ``diff_ci_high``)."""
+    def paired(self, name: str, reference: str) -> tuple[float, float, float]:
+        """MAE of ``name`` minus MAE of ``reference`` (keys, or names) on the books both priced, and its
+        paired-bootstrap CI (negative: ``name`` errs less); NaNs when either has no predictions on these books."""
+        rows = self._rows()
+        key, reference = self._key(rows, name), self._key(rows, reference)
+        if key is None or reference is None:
+            return math.nan, math.nan, math.nan
+        return self._paired(self.predictions(), key, reference)
+
+    def table(self, reference: str | None = None) -> pd.DataFrame:
+        """All rows, best (lowest) MAE first, with each row's paired MAE difference against ``reference`` (a key
+        or a name; default :meth:`reference`): ``vs_reference`` (its key), ``diff``, ``diff_ci_low``,
+        ``diff_ci_high``; and ``latest_books``, False for a row scored on other books than the latest."""
         rows = self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
-        rows = rows.reindex(columns=list(dict.fromkeys(["name", *METRIC_COLUMNS, "reading", *rows.columns])))
+        rows = rows.reindex(columns=list(dict.fromkeys(["name", "key", *METRIC_COLUMNS, "reading", *rows.columns])))
         rows["reading"] = rows["reading"].fillna(POINT)
-        reference = self.reference()
-        rows["vs_reference"] = reference
-        paired = [self.paired(name, reference) if reference else (math.nan,) * 3 for name in rows["name"]]
+        versus = self.reference() if reference is None else self._key(rows, reference)
+        if reference is not None and versus is None:
+            raise ValueError(f"No model named or keyed {reference!r} in {self.path} to compare with: record it "
+                             f"first, or pick one of {', '.join(rows['key'])}.")
+        books = self.predictions()
+        rows["latest_books"] = rows["key"].isin(books.columns)
+        rows["vs_reference"] = versus
+        paired = [self._paired(books, key, versus) if versus else (math.nan,) * 3 for key in rows["key"]]
         columns = ["diff", "diff_ci_low", "diff_ci_high"]
         rows[columns] = pd.DataFrame(paired, index=rows.index, columns=columns, dtype=float)
         return rows
 
-    def markdown(self) -> str:
-        """The table as Markdown, best first: MAE with its interval, the paired difference against the best
-        classical baseline, median error, RMSLE, hit rate, interval coverage, the reading, failures."""
-        table = self.table()
+    @staticmethod
+    def labels(table: pd.DataFrame) -> pd.Series:
+        """Each row's display name, with its key added where names repeat: ``"QLoRA r=8 [runs/a/adapter]"``."""
+        repeated = table["name"].duplicated(keep=False)
+        return table["name"].where(~repeated, table["name"] + " [" + table["key"] + "]")
+
+    def markdown(self, reference: str | None = None) -> str:
+        """The table as Markdown, best first: MAE with its interval, the paired difference against ``reference``
+        (default: the best classical baseline), median error, RMSLE, hit rate, interval coverage, the reading,
+        failures; a note under it when some rows were scored on other books."""
+        table = self.table(reference)
+        labels = self.labels(table)
         reference = table["vs_reference"].iloc[0] if len(table) else None
-        versus = f"vs {reference} ({config.CONFIDENCE:.0%} CI)" if reference else "vs best baseline"
+        versus = (f"vs {labels[table['key'] == reference].iloc[0]} ({config.CONFIDENCE:.0%} CI)" if reference
+                  else "vs best baseline")
         lines = [f"| model | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | {versus} ($) | median AE ($) | RMSLE | "
                  f"hit rate | {config.INTERVAL_LEVEL:.0%} interval coverage | reading | failed |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in table.itertuples():
-            paired = ("reference" if row.name == reference else "-" if math.isnan(row.diff) else
+        for label, row in zip(labels, table.itertuples()):
+            paired = ("reference" if row.key == reference else OTHER_BOOKS if not row.latest_books else
+                      "-" if math.isnan(row.diff) else
                       f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to {row.diff_ci_high:+.2f})")
             coverage = "-" if math.isnan(row.coverage) else f"{row.coverage:.0%}"
-            lines.append(f"| {row.name} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | {paired} | "
+            lines.append(f"| {label} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | {paired} | "
                          f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {coverage} | {row.reading} | "
                          f"{row.n_failed} of {row.n} |")
+        if not table["latest_books"].all():
+            lines += ["", f"Rows marked *{OTHER_BOOKS}* were scored on another set of books than the latest: their "
+                          "MAE is not comparable with the others', and they are compared with nothing until "
+                          "evaluated again."]
         return "\n".join(lines)
 
     def plot(self, path: Path | None = None) -> Figure:
@@ -399,7 +480,7 @@ class Leaderboard:
         figure = Figure(figsize=(8, 0.5 * len(table) + 1.5))
         axes = figure.subplots()
         spread = [table["mae"] - table["mae_ci_low"], table["mae_ci_high"] - table["mae"]]
-        axes.barh(table["name"], table["mae"], xerr=spread, color="steelblue", capsize=3)
+        axes.barh(self.labels(table), table["mae"], xerr=spread, color="steelblue", capsize=3)
         axes.invert_yaxis()
         axes.set(xlabel=f"mean absolute error ($), with {config.CONFIDENCE:.0%} bootstrap interval",
                  title=f"Leaderboard ({int(table['n'].max())} test books)")
@@ -423,16 +504,19 @@ def eval_items(test: list[Item], profile: Profile) -> list[Item]:
 
 
 def main() -> None:
-    """Print a profile's leaderboard as Markdown: ``python -m helpers.evaluate [--profile P]``."""
+    """Print a profile's leaderboard as Markdown: ``python -m helpers.evaluate [--profile P] [--reference M]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
                         help=f"default: ${config.PROFILE_ENV} or smoke")
-    board = leaderboard(config.get_profile(parser.parse_args().profile))
+    parser.add_argument("--reference", default=None,
+                        help="the model (key or name) every row is compared with; default: the best classical baseline")
+    arguments = parser.parse_args()
+    board = leaderboard(config.get_profile(arguments.profile))
     if not board.path.exists():
         raise SystemExit(f"No leaderboard at {board.path}: run the notebooks first (make smoke).")
-    print(board.markdown())
+    print(board.markdown(arguments.reference))
 
 
 if __name__ == "__main__":

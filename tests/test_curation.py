@@ -11,7 +11,6 @@ from helpers.curate import balance, curate, load_curated, split
 from helpers.tokens import count_and_cut_batch
 from helpers.data import open_source, parse_price
 from helpers.items import author_name, book_format, describe, parse_details, scrub
-from helpers.storage import write_folder_atomically
 
 
 @pytest.fixture(scope="module")
@@ -189,20 +188,6 @@ def test_a_tampered_file_is_refused(curated):
     (profile.curated_dir / "test.parquet").write_bytes(b"half a file")
     with pytest.raises(ValueError, match="manifest"):
         load_curated(profile)
-
-
-def test_interrupted_folder_write_leaves_the_old_folder(tmp_path):
-    target = tmp_path / "out"
-    write_folder_atomically(target, lambda tmp: (tmp / "a.txt").write_text("old"))
-
-    def crash(tmp):
-        (tmp / "a.txt").write_text("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        write_folder_atomically(target, crash)
-    assert (target / "a.txt").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_curation_is_identical_with_several_processes_and_other_batches(curated, tokenizer, tmp_path):

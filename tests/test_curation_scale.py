@@ -186,6 +186,7 @@ curate.curate(config.get_profile("full", data_source=sys.argv[2], test_size=int(
 """
 
 
+@pytest.mark.slow
 def test_a_killed_curation_resumes_from_its_finished_parts(replica, replica_curation, tokenizer, tmp_path,
                                                            monkeypatch):
     data = tmp_path / "data"

@@ -60,6 +60,7 @@ def _form(book: demo.Book) -> tuple:
     return book.title, book.author, book.format, book.pages, book.blurb, book.category, book.publisher
 
 
+@pytest.mark.slow
 def test_a_real_sample_book_gets_a_price_through_the_served_page(page, profile, sample_records):
     test_book = load_curated(profile)[1][0]
     book = demo.Book.from_record(sample_records[test_book.asin])
@@ -72,6 +73,7 @@ def test_a_real_sample_book_gets_a_price_through_the_served_page(page, profile, 
     assert prompt.startswith(config.QUESTION) and prompt.endswith(config.ANSWER_PREFIX) and book.title in prompt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form, message", [
     (("", "", "paperback", None, "   ", "", ""), "Type at least a title or a blurb"),
     (("?!", "", "paperback", None, "...", "", ""), "Type at least a title or a blurb"),
@@ -83,6 +85,7 @@ def test_an_empty_or_absurd_form_gets_a_clear_message(page, form, message):
     assert chart is None and prompt == ""
 
 
+@pytest.mark.slow
 def test_a_short_book_is_priced_with_a_note(pricer):
     quote = pricer.quote(demo.Book("Dune", author="Frank Herbert", format="hardcover", pages=412))
     assert quote.item.token_count < config.MIN_TOKENS and 1 <= quote.price <= 999
@@ -122,6 +125,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_command_serves_the_page(pricer, profile, sample_records):
     """``python -m helpers.demo`` in its own process, its state under HOME, answers a real book."""
     home = config.HOME

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import httpx2
 import pytest
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 from helpers import assets, config, environment
 
@@ -50,19 +52,65 @@ def test_offline_llama_tokenizer_matches_the_hub_facts():
     assert len(tokenizer.encode("1000", add_special_tokens=False)) == 2
 
 
-@pytest.mark.parametrize("message, error", [
-    ("401 Client Error: Unauthorized", PermissionError),
-    ("You are trying to access a gated repo.", PermissionError),
-    ("Connection refused", OSError),
-])
-def test_hub_errors_name_the_fix(message, error):
-    def loader(model_id, **kwargs):
-        raise OSError(message)
+def hub_error(kind: type[HfHubHTTPError], status: int) -> HfHubHTTPError:
+    """The error the hub client raises for an HTTP ``status`` answer about the Llama repository."""
+    request = httpx2.Request("GET", f"https://huggingface.co/api/models/{config.LLAMA_HUB_ID}")
+    return kind(f"{status} Client Error.", response=httpx2.Response(status, request=request))
 
-    with pytest.raises(error) as raised:
+
+def wrapped(cause: BaseException, message: str) -> OSError:
+    """``cause`` wrapped as transformers wraps hub errors: ``raise OSError(message) from cause``."""
+    error = OSError(f"{message}\n{cause}")
+    error.__cause__ = cause
+    return error
+
+
+def raised_while_handling(cause: BaseException, message: str) -> OSError:
+    """An ``OSError`` raised inside an ``except`` block for ``cause`` (so ``cause`` is its ``__context__``)."""
+    try:
+        raise cause
+    except HfHubHTTPError:
+        try:
+            raise OSError(message)
+        except OSError as error:
+            return error
+
+
+TOKENIZER_MISSING = ("Can't load tokenizer for 'runs/full/qlora-run-1403/adapter'. If you were trying to load it "
+                     "from 'https://huggingface.co/models', make sure you don't have a local directory with the "
+                     "same name.")
+
+
+@pytest.mark.parametrize("error, fix", [
+    (wrapped(hub_error(GatedRepoError, 401), "You are trying to access a gated repo."), "Accept the Llama 3.1 license"),
+    (hub_error(GatedRepoError, 403), "Accept the Llama 3.1 license"),  # hf_hub_download raises it as it is
+    (wrapped(hub_error(RepositoryNotFoundError, 401), "is not a valid model identifier"), "HTTP 401"),
+    (raised_while_handling(hub_error(HfHubHTTPError, 403), "There was a specific connection error"), "HTTP 403"),
+])
+def test_hub_access_refusals_name_the_login_fix(error, fix):
+    def loader(model_id, **kwargs):
+        raise error
+
+    with pytest.raises(PermissionError, match="hf auth login") as raised:
         assets.from_hub(loader, config.LLAMA_HUB_ID)
-    assert ("hf auth login" in str(raised.value)) == (error is PermissionError)
-    assert "smoke profile" in str(raised.value)
+    assert fix in str(raised.value) and "smoke profile" in str(raised.value)
+    assert raised.value.__cause__ is error
+
+
+@pytest.mark.parametrize("error", [
+    OSError(TOKENIZER_MISSING),  # "token", "1403": no access problem for all that
+    OSError("Connection refused"),
+    wrapped(hub_error(RepositoryNotFoundError, 404), "is not a valid model identifier"),
+    wrapped(hub_error(HfHubHTTPError, 500), "There was a specific connection error"),
+])
+def test_other_hub_errors_keep_their_own_text(error):
+    def loader(model_id, **kwargs):
+        raise error
+
+    with pytest.raises(OSError) as raised:
+        assets.from_hub(loader, config.LLAMA_HUB_ID)
+    assert type(raised.value) is OSError and "hf auth login" not in str(raised.value)
+    assert str(error) in str(raised.value) and "smoke profile" in str(raised.value)
 
 
 def test_missing_package_names_the_fix():

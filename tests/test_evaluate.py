@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import make_item
@@ -53,6 +55,13 @@ def test_metrics_skip_failures_but_hit_rate_counts_them_as_misses() -> None:
     assert metrics["mae"] == pytest.approx(1.5)
     assert metrics["hit_rate"] == pytest.approx(0.5)
     assert evaluation.colors == ["green", "green", "red", "red"]
+
+
+def test_metrics_are_computed_once_on_an_evaluation_that_does_not_change() -> None:
+    evaluation = scored([10, 20, 100], [12, 15, 50])
+    assert evaluation.metrics is evaluation.metrics  # one bootstrap, however often it is read
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evaluation.predictions = np.array([10.0, 20.0, 100.0])
 
 
 def test_all_failed_gives_nan_metrics_and_a_summary() -> None:
@@ -104,16 +113,8 @@ def test_bad_predictions_are_counted_not_crashed() -> None:
     assert "7 failed" in summary and "model crashed" in summary
 
 
-def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
+def test_batched_predictor_bad_answers_are_counted() -> None:
     items = [make_item(asin=str(index)) for index in range(3)]
-
-    def broken(batch):
-        raise ValueError("cannot parse the prompt")
-
-    evaluation = evaluate("broken", broken, items, batched=True)
-    assert [index for index, _ in evaluation.failures] == [0, 1, 2]
-    assert all("cannot parse the prompt" in reason for _, reason in evaluation.failures)
-
     partial = evaluate("partial", lambda batch: np.array([10.0, np.nan, -1.0]), items, batched=True)
     assert [index for index, _ in partial.failures] == [1, 2]
     assert partial.predictions[0] == 10.0
@@ -123,7 +124,10 @@ def test_batched_predictor_bad_answers_and_model_errors_are_counted() -> None:
 
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
     RuntimeError("CUDA error: device-side assert triggered"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, opa, opb, ...)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
     MemoryError("Unable to allocate 12.0 GiB"),
 ])
 @pytest.mark.parametrize("batched", [True, False])
@@ -137,6 +141,38 @@ def test_machine_failures_stop_the_evaluation_with_the_fix(error: Exception, bat
         evaluate("big model", out_of_memory, items, batched=batched)
     assert str(error) in str(raised.value) and raised.value.__cause__ is error
     assert is_machine_failure(error) and not is_machine_failure(RuntimeError("model crashed"))
+
+
+DEVICE_MISMATCH = RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               "cuda:0 and cpu! (when checking argument for argument index in method wrapper_CUDA__index_select)")
+
+
+def test_a_device_mismatch_is_a_bug_in_the_code_not_a_machine_failure() -> None:
+    assert not is_machine_failure(DEVICE_MISMATCH)
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def long_books_on_the_wrong_device(item):
+        if item.asin == "0":
+            raise DEVICE_MISMATCH
+        return 10.0
+
+    evaluation = evaluate("half-moved model", long_books_on_the_wrong_device, items)
+    assert [index for index, _ in evaluation.failures] == [0]
+    assert "Expected all tensors to be on the same device" in evaluation.failures[0][1]
+
+
+@pytest.mark.parametrize("error", [DEVICE_MISMATCH, ValueError("cannot parse the prompt")])
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_predictor_that_raises_on_every_book_stops_as_a_bug(error: Exception, batched: bool) -> None:
+    items = [make_item(asin=str(index)) for index in range(3)]
+
+    def broken(_):
+        raise error
+
+    with pytest.raises(RuntimeError, match="every prediction raised") as raised:
+        evaluate("broken", broken, items, batched=batched)
+    assert "bug in the predictor" in str(raised.value) and "predict_batch_size" not in str(raised.value)
+    assert str(error) in str(raised.value) and raised.value.__cause__ is error
 
 
 def test_batched_predictor_of_wrong_length_is_a_programming_error() -> None:
@@ -219,6 +255,72 @@ def test_paired_bootstrap_against_the_best_classical_baseline(tmp_path) -> None:
     assert "vs strong baseline (95% CI) ($)" in lines[0]
     assert "| LLM | 4.00 |" in lines[2] and "| -2.00 (-2.00 to -2.00) |" in lines[2]
     assert any(line.startswith("| strong baseline |") and "| reference |" in line for line in lines)
+
+
+def test_two_runs_of_one_name_keep_their_own_rows_by_key(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="QLoRA r=8"), key="runs/a/adapter")
+    board.record(scored([10, 20], [13, 23], name="QLoRA r=8"), key="runs/b/adapter")
+    board.record(scored([10, 20], [11, 21], name="QLoRA r=8"), key="runs/a/adapter")  # a re-run of a
+    table = board.table()
+    assert table["key"].tolist() == ["runs/a/adapter", "runs/b/adapter", "baseline"]
+    assert table["mae"].tolist() == pytest.approx([1.0, 3.0, 5.0])
+    assert table["diff"].tolist() == pytest.approx([-4.0, -2.0, 0.0])
+    assert board.predictions().columns.tolist() == ["truth", "baseline", "runs/a/adapter", "runs/b/adapter"]
+    assert board.paired("runs/b/adapter", "runs/a/adapter")[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="runs/a/adapter, runs/b/adapter"):
+        board.paired("QLoRA r=8", "baseline")  # which of the two?
+    lines = board.markdown().splitlines()
+    assert lines[2].startswith("| QLoRA r=8 [runs/a/adapter] | 1.00 |")
+    assert lines[3].startswith("| QLoRA r=8 [runs/b/adapter] | 3.00 |") and lines[4].startswith("| baseline |")
+    assert len(board.plot().axes[0].patches) == 3  # one bar each, not one shared by the repeated name
+
+
+def test_a_leaderboard_written_before_keys_reads_each_name_as_its_key(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="LLM"))
+    rows = pd.read_csv(board.path).drop(columns="key")
+    rows.to_csv(board.path, index=False)  # as the leaderboard was written before rows had keys
+    assert board.table()["key"].tolist() == ["LLM", "baseline"]
+    assert board.table().loc[0, "diff"] == pytest.approx(-3.0)
+    board.record(scored([10, 20], [11, 21], name="LLM"))
+    assert board.table()["name"].tolist() == ["LLM", "baseline"]  # replaced, not added
+    assert board.table().loc[0, "mae"] == pytest.approx(1.0)
+
+
+def test_an_explicit_reference_replaces_the_best_baseline(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [15, 25], name="baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="QLoRA 4-bit"), key="runs/smoke/qlora/adapter")
+    board.record(scored([10, 20], [13, 23], name="QLoRA merged bf16"), key="runs/smoke/qlora/merged")
+    table = board.table(reference="QLoRA 4-bit")
+    assert set(table["vs_reference"]) == {"runs/smoke/qlora/adapter"}
+    assert table.set_index("name")["diff"].to_dict() == pytest.approx(
+        {"QLoRA 4-bit": 0.0, "QLoRA merged bf16": 1.0, "baseline": 3.0})
+    lines = board.markdown(reference="runs/smoke/qlora/adapter").splitlines()
+    assert "vs QLoRA 4-bit (95% CI) ($)" in lines[0]
+    assert "| reference |" in lines[2] and "| +1.00 (+1.00 to +1.00) |" in lines[3]
+    assert "vs baseline" in board.markdown().splitlines()[0]
+    with pytest.raises(ValueError, match="no-such-model"):
+        board.table(reference="no-such-model")
+
+
+def test_rows_scored_on_other_books_are_marked_and_compared_with_nothing(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    board.record(scored([10, 20], [11, 21], name="old baseline"), train_items=10)
+    board.record(scored([10, 20], [12, 22], name="old LLM"))
+    board.record(scored([30, 40, 50], [35, 45, 55], name="new baseline"), train_items=10)  # other books
+    board.record(scored([30, 40, 50], [32, 42, 52], name="new LLM"))
+    assert board.reference() == "new baseline"  # the best baseline on the books the others can be compared on
+    table = board.table().set_index("name")
+    assert table["latest_books"].to_dict() == {"old baseline": False, "old LLM": False, "new LLM": True,
+                                               "new baseline": True}
+    assert table.loc["new LLM", "diff"] == pytest.approx(-3.0) and table.loc["old LLM", ["diff"]].isna().all()
+    markdown = board.markdown()
+    assert "| old LLM | 2.00 | 2.00-2.00 | other books |" in markdown
+    assert "*other books* were scored on another set of books" in markdown
 
 
 def test_profile_paths_and_the_fixed_eval_subset() -> None:

@@ -63,6 +63,7 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
 
 
+@pytest.mark.slow
 def test_the_merged_model_prices_books_as_the_attached_adapter_does(smoke, prompts):
     attached, tokenizer = models.load_finetuned(smoke, quantized=False, dtype=torch.float32, device="cpu")
     with_adapter = distribution(attached, tokenizer, prompts)
@@ -77,6 +78,7 @@ def test_the_merged_model_prices_books_as_the_attached_adapter_does(smoke, promp
     assert distance(with_adapter, without) > ADAPTER_EFFECT  # the adapter matters: the test is not vacuous
 
 
+@pytest.mark.slow
 def test_the_cli_saves_a_bf16_model_with_tokenizer_run_card_and_license(smoke, prompts, tmp_path):
     folder = tmp_path / "merged"
     export.main(["--profile", "smoke", "--output-dir", str(folder)])

@@ -51,17 +51,20 @@ def resolved() -> dict[str, tuple[int, str]]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python", [OLDEST, COLAB_PYTHON])
 def test_the_pins_resolve_for_the_supported_pythons(resolved, python):
     status, errors = resolved[python]
     assert status == 0, errors[-3000:]
 
 
+@pytest.mark.slow
 def test_the_smoke_model_package_resolves_for_colab(resolved):
     status, errors = resolved["smoke"]
     assert status == 0, errors[-3000:]
 
 
+@pytest.mark.slow
 def test_the_pins_do_not_install_below_the_oldest_python_named(resolved):
     """requires-python is not looser than the pins: one Python older, pip refuses them for its version."""
     status, errors = resolved[TOO_OLD]
