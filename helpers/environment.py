@@ -158,6 +158,9 @@ def report(profile: config.Profile) -> str:
     source = Path(profile.data_source).name if Path(profile.data_source).exists() else profile.data_source
     lines.append(f"[OK]   profile: {profile.name} (data: {source}, model: {profile.base_model}"
                  f"{', Colab' if in_colab() else ''})")
+    if config.base_license(profile.base_model).startswith("llama"):
+        lines.append(f"[NOTE] {profile.base_model} is gated: accept Meta's license on its hub page and set HF_TOKEN; "
+                     f"without Llama access use PROFILE = \"lite-open\" ({config.OPEN_HUB_ID}, Apache-2.0, no gate)")
     lines.append(f"[OK]   state folder: {config.HOME} (curated data, runs, results; asset cache {config.CACHE_DIR})")
     failed = sum(not check.ok for check in packages) + (not python_ok)
     lines.append("All checks passed." if not failed else f"{failed} check(s) failed: see the fixes above.")

@@ -75,7 +75,7 @@ def _name(dtype: torch.dtype) -> str:
 
 def _license(profile: config.Profile) -> str:
     """The base model's license as the hub tags it ("llama3.1", "apache-2.0"), "" if unknown here."""
-    return config.BASE_LICENSES.get(profile.base_model, "")
+    return config.base_license(profile.base_model)
 
 
 def _llama_version(profile: config.Profile) -> str:

@@ -23,6 +23,7 @@ from helpers.curate import load_curated, load_manifest
 from helpers.hardware import Hardware
 from helpers.items import Item
 from helpers.models import base_tokenizer, model_label
+from helpers.predict import digit_token_ids, number_token_ids
 
 # The published shapes (their config.json), so memory and time can be planned without the hub.
 LLAMA_3_1_8B_SHAPE = LlamaConfig(
@@ -37,11 +38,18 @@ LLAMA_3_1_70B_SHAPE = LlamaConfig(  # too large for one GPU even in 4 bits: the 
     vocab_size=128_256, hidden_size=8_192, intermediate_size=28_672, num_hidden_layers=80,
     num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
 )
-KNOWN_SHAPES = {config.LLAMA_HUB_ID: LLAMA_3_1_8B_SHAPE, config.LLAMA_3B_HUB_ID: LLAMA_3_2_3B_SHAPE}
+SMOLLM2_1_7B_SHAPE = LlamaConfig(  # HuggingFaceTB/SmolLM2-1.7B, the lite-open profile's model
+    vocab_size=49_152, hidden_size=2_048, intermediate_size=8_192, num_hidden_layers=24,
+    num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True,
+)
+KNOWN_SHAPES = {config.LLAMA_HUB_ID: LLAMA_3_1_8B_SHAPE, config.LLAMA_3B_HUB_ID: LLAMA_3_2_3B_SHAPE,
+                config.OPEN_HUB_ID: SMOLLM2_1_7B_SHAPE}
 GIB = 2**30
 MEMORY_HEADROOM = 0.85  # plan to fill at most this share of the GPU: fragmentation, long batches
 LOGIT_COPIES = 3  # float32 logits, their log-softmax and its gradient, per token, over the vocabulary
 PLAN_SAMPLE = 200  # training prompts tokenised to measure the mean example length
+MAX_LENGTH_MULTIPLE = 8  # a measured max_length is rounded up to this (tensor-core friendly shapes)
+UNMEASURED_MARGIN = 1.2  # before curation, max_length is estimated as this x the mean example length
 GPU_CHECK_REPORT = "gpu_check.json"  # benchmarks/gpu_check.py's report, in the state folder's results/
 
 
@@ -56,6 +64,26 @@ def split_validation(train_items: list[Item]) -> tuple[list[Item], list[Item]]:
 def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
     """(train, validation) items of ``profile``'s curated data."""
     return split_validation(load_curated(profile)[0])
+
+
+def check_price_tokens(tokenizer: PreTrainedTokenizerBase, base_model: str) -> None:
+    """Stop before training a base model whose tokenizer writes prices neither as one token nor digit by digit:
+    no price distribution could be read from it, so the course could not score it."""
+    if number_token_ids(tokenizer) is None and digit_token_ids(tokenizer) is None:
+        raise ValueError(f"{base_model}'s tokenizer writes prices neither as single tokens 1..999 (Llama 3) nor digit "
+                         f"by digit after {config.ANSWER_PREFIX!r} (SmolLM2, Qwen, Mistral), so no price distribution "
+                         "can be read from it: choose another base model (a notebook's BASE_MODEL, --base-model, or "
+                         "get_profile(..., base_model=...)), e.g. a Llama 3.x or SmolLM2 model.")
+
+
+def measured_max_length(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> int:
+    """The longest training example (begin, prompt, answer, end) in the base model's own tokens, rounded up to 8.
+
+    Tokenizers differ by tens of tokens on the same prompt (a digit tokenizer writes "1999" in four), so a
+    profile with ``max_length=None`` measures it instead of guessing: no example is cut, none padded further.
+    """
+    longest = max(len(ids) + 1 for ids in tokenizer([item.prompt for item in items])["input_ids"])
+    return MAX_LENGTH_MULTIPLE * math.ceil(longest / MAX_LENGTH_MULTIPLE)
 
 
 def mean_tokens(tokenizer: PreTrainedTokenizerBase, items: list[Item]) -> float:
@@ -351,12 +379,18 @@ def make_plan(profile: config.Profile, hardware: Hardware, books: int | None = N
               tokens_per_book: float | None = None) -> TrainingPlan:
     """The plan for training ``profile`` on ``hardware``: its curated train books (or ``books``, a count, with
     ``tokens_per_book``, to plan before curation), the batch split fitted to the device and the processes."""
-    sha = ""
+    sha, training = "", profile.training
     if books is None:
-        train_items = training_items(profile)[0]
+        train_items, tokenizer = training_items(profile)[0], base_tokenizer(profile)
+        check_price_tokens(tokenizer, profile.base_model)
         books, sha = len(train_items), load_manifest(profile)["sha256"]
-        tokens_per_book = mean_tokens(base_tokenizer(profile), train_items)
-    training = fit_batch(profile.base_model, profile.training, hardware.memory_gib if hardware.kind == "cuda" else None,
+        tokens_per_book = mean_tokens(tokenizer, train_items)
+        if training.max_length is None:
+            training = replace(training, max_length=measured_max_length(tokenizer, train_items))
+    elif training.max_length is None:
+        training = replace(training, max_length=MAX_LENGTH_MULTIPLE * math.ceil(
+            UNMEASURED_MARGIN * tokens_per_book / MAX_LENGTH_MULTIPLE))
+    training = fit_batch(profile.base_model, training, hardware.memory_gib if hardware.kind == "cuda" else None,
                          hardware.world_size)
     memory = memory_estimate(profile.base_model, training) if hardware.kind == "cuda" else None
     return TrainingPlan(

@@ -1,6 +1,6 @@
 """QLoRA fine-tuning from the command line: the script twin of notebook 04.
 
-    python -m helpers.train --profile smoke [--max-steps N] [--save-steps N] [--time-budget MINUTES]
+    python -m helpers.train --profile smoke [--base-model ID_OR_FOLDER] [--max-steps N] [--save-steps N] [--time-budget MINUTES]
                             [--set FIELD=VALUE ...] [--output-dir D] [--no-resume] [--plan-only]
                             [--push-to-hub USER/REPO] [--report-to tensorboard,wandb]
 
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
                         help=f"default: ${config.PROFILE_ENV} or smoke")
+    parser.add_argument("--base-model", default=None,
+                        help=f"another base model: a hub id or a local folder (default: ${config.BASE_MODEL_ENV} or the profile's)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
@@ -79,7 +81,7 @@ def overrides(args: argparse.Namespace, training: config.TrainingConfig) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    profile = config.get_profile(args.profile)
+    profile = config.get_profile(args.profile, args.base_model)
     profile = replace(profile, training=replace(profile.training, **overrides(args, profile.training)))
     hardware = Hardware.detect()
     if args.push_to_hub:

@@ -17,11 +17,13 @@ from helpers.plan import LLAMA_3_1_70B_SHAPE, make_plan, mean_tokens, memory_est
 
 def main() -> None:
     smoke = config.get_profile("smoke")
-    tokens = mean_tokens(assets.llama3_tokenizer_offline(), training_items(smoke)[0])
+    sample = training_items(smoke)[0]
+    tokens = mean_tokens(assets.llama3_tokenizer_offline(), sample)
+    digit_tokens = mean_tokens(assets.load_tokenizer("smollm2"), sample)  # SmolLM2's tokenizer: the 1.7B model's too
     rows = [make_plan(smoke, Hardware.card("cpu"))]
-    for name in ("lite", "full"):
+    for name, per_book in (("lite", tokens), ("lite-open", digit_tokens), ("full", tokens)):
         profile = config.get_profile(name)
-        rows += [make_plan(profile, Hardware.card(key), planned_books(profile), tokens)
+        rows += [make_plan(profile, Hardware.card(key), planned_books(profile), per_book)
                  for key in ("T4", "L4", "A100", "H100")]
     print("| profile | model | books | device | batch | steps (epoch) | GPU memory (GiB, est.) | minutes for the "
           "epoch | time budget | books in the budget | speed figure |")
@@ -34,7 +36,8 @@ def main() -> None:
               f"{row.training.gradient_accumulation_steps} | {row.steps:,} | {memory} | {row.minutes:,.0f} | {budget} "
               f"| {within} | {row.speed.kind}: {row.speed.tokens_per_second:,.0f} tokens/s |")
     print(f"\nBooks: smoke from its curated sample; lite its subset; full {config.FULL_TRAIN_ITEMS_ESTIMATE:,} "
-          f"(estimated) less validation. Tokens per book: {tokens:.0f} (Llama 3.1, curated sample prompts). "
+          f"(estimated) less validation. Tokens per book, on the curated sample's prompts: {tokens:.0f} with Llama 3.1's "
+          f"tokenizer, {digit_tokens:.0f} with SmolLM2's (lite-open). "
           "Speed figures: config.THROUGHPUTS (published, with their sources) or scaled from them (estimated); "
           "a run card or the GPU check on the same GPU kind replaces them (measured here).")
 

@@ -37,7 +37,7 @@ def test_notebook_opens_with_title_parameters_and_set_up(path):
     assert title.cell_type == "markdown" and title.source.startswith(f"# {path.name[:2]} ")
     assert parameters.metadata.get("tags") == ["parameters"]
     names = re.findall(r"^([A-Z_]+) = ", parameters.source, re.M)
-    assert names == ["PROFILE", "HOME"] + EXTRA_PARAMETERS.get(path.name[:2], [])
+    assert names == ["PROFILE", "HOME", "BASE_MODEL"] + EXTRA_PARAMETERS.get(path.name[:2], [])
     assert "google.colab" in set_up.source and "colab_setup(HOME)" in set_up.source
     assert "config.set_home(HOME)" in set_up.source and "BOOK_PRICER_REPO" in set_up.source
 
