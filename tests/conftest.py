@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from peft import get_peft_model
 
 from helpers import config, finetune, models
+from helpers.curate import curate
 from helpers.data import parse_price
 from helpers.items import FORMATS, Item, describe
 
@@ -99,3 +101,17 @@ def save_adapter():
     """``save_adapter(profile, folder)``: a trained-looking LoRA adapter (random, non-zero B) for ``profile``'s base
     model, saved with its tokenizer to ``folder``: what a run leaves, without the minutes of training."""
     return _save_smoke_adapter
+
+
+@pytest.fixture(scope="module")
+def as_full_data(tmp_path_factory):
+    """The curated smoke books posing as full's curated data (lite and lite-open read full's), in a temporary
+    folder that ``config.DATA_DIR`` points at for the module's tests."""
+    data = tmp_path_factory.mktemp("data")
+    smoke = config.get_profile("smoke")
+    if not (smoke.curated_dir / "manifest.json").exists():
+        curate(smoke)
+    shutil.copytree(smoke.curated_dir, data / "curated" / "full")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "DATA_DIR", data)
+        yield data

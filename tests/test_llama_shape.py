@@ -7,7 +7,6 @@ base model: the same loader, quantisation, trainer and predictor as the real 8B 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +16,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import assets, config, finetune, models, plan
-from helpers.curate import curate, load_curated
+from helpers.curate import load_curated
 from helpers.hardware import Hardware
 from helpers.models import load_finetuned
 from helpers.predict import DistributionPredictor
@@ -35,19 +34,11 @@ def llama_8b_widths(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def full_profile(llama_8b_widths, tmp_path_factory):
+def full_profile(llama_8b_widths, as_full_data):
     """The FULL profile's settings on that model, curated data from the shipped sample, in a temporary folder."""
-    data = tmp_path_factory.mktemp("data")
-    smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
-        curate(smoke)
-    shutil.copytree(smoke.curated_dir, data / "curated" / "full")
     full = config.get_profile("full")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(config, "DATA_DIR", data)
-        yield config.get_profile("full", base_model=llama_8b_widths, train_subset=TRAIN_BOOKS, eval_size=4,
-                                 training=replace(full.training, max_steps=2, batch_size=2,
-                                                  gradient_accumulation_steps=1))
+    return config.get_profile("full", base_model=llama_8b_widths, train_subset=TRAIN_BOOKS, eval_size=4,
+                              training=replace(full.training, max_steps=2, batch_size=2, gradient_accumulation_steps=1))
 
 
 @pytest.mark.slow

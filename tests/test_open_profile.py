@@ -8,13 +8,12 @@ tree, and its export carries its Apache-2.0 license.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 
 import pytest
 
 from helpers import assets, config, export, finetune, plan
-from helpers.curate import curate, load_curated
+from helpers.curate import load_curated
 from helpers.hardware import Hardware
 from helpers.models import load_finetuned, save_random_model
 from helpers.predict import DistributionPredictor
@@ -24,20 +23,13 @@ CPU = Hardware.card("cpu")
 
 
 @pytest.fixture(scope="module")
-def open_profile(tmp_path_factory) -> config.Profile:
+def open_profile(tmp_path_factory, as_full_data) -> config.Profile:
     folder = tmp_path_factory.mktemp("models") / "SmolLM2-1.7B"  # a local copy keeps the hub model's name
     save_random_model(plan.SMOLLM2_1_7B_SHAPE, folder, assets.load_tokenizer("smollm2"), layers=1)
-    data = tmp_path_factory.mktemp("data")
-    smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
-        curate(smoke)
-    shutil.copytree(smoke.curated_dir, data / "curated" / "full")
     lite_open = config.get_profile("lite-open")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(config, "DATA_DIR", data)
-        yield config.get_profile("lite-open", base_model=str(folder), train_subset=12, eval_size=4,
-                                 training=replace(lite_open.training, max_steps=2, batch_size=2,
-                                                  gradient_accumulation_steps=1))
+    return config.get_profile("lite-open", base_model=str(folder), train_subset=12, eval_size=4,
+                              training=replace(lite_open.training, max_steps=2, batch_size=2,
+                                               gradient_accumulation_steps=1))
 
 
 def test_the_open_profile_needs_no_gated_model():
