@@ -111,7 +111,7 @@ class Mode:
 
     gpu: bool
     layers: int | None  # decoder layers of the random models (None: the real depth)
-    widths: dict[str, int] | None  # CPU mode: the shapes' widths shrunk (the vocabulary kept), so that it runs in minutes
+    widths: dict[str, int] | None  # CPU mode: the widths shrunk (the vocabulary kept), so that it runs in minutes
     steps: int  # optimizer steps per training row; the first warms up and is not timed
     effective_batch: int  # books per optimizer step (the recipe's 16 on a GPU)
     train_steps: int  # of the short finetune.train() run
@@ -282,8 +282,9 @@ class GpuCheck:
                       for folder in [config.HOME / "results", *([args.out] if args.out else [])]]
         self.report = {
             "script": "benchmarks/gpu_check.py", "mode": "gpu" if mode.gpu else "cpu",
-            "note": ("measured here on this GPU; models with random weights at the real shapes" if mode.gpu else
-                     f"No CUDA GPU here: {CPU_NOTE}s; a check that the script runs (1 layer, 128 wide, tiny prompts)"),
+            "note": ("Measured here on this GPU, models with random weights at the real shapes" if mode.gpu else
+                     "No CUDA GPU here: a check that the script runs (1 layer, 128 wide, tiny prompts), whose "
+                     "figures are not GPU figures"),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": False,
             "seconds": 0.0, "minutes_box": args.minutes or mode.minutes, "machine": machine(hardware),
             "settings": asdict(mode), "parts": {}, "throughputs": [], "cpu_mode_throughputs": [],
@@ -350,7 +351,8 @@ class GpuCheck:
 
     def build(self, key: str, entry: dict) -> None:
         shape = SHAPES[key][2]
-        shape = replace(shape, num_hidden_layers=self.mode.layers or shape.num_hidden_layers, **(self.mode.widths or {}))
+        shape = replace(shape, num_hidden_layers=self.mode.layers or shape.num_hidden_layers,
+                        **(self.mode.widths or {}))
         parameters = sum(plan.parameter_count(shape).values())
         folder = self.work / f"llama-{key}-shape-{shape.num_hidden_layers}-layers-{shape.hidden_size}-wide"
         entry.update(folder=str(folder), layers=shape.num_hidden_layers, hidden_size=shape.hidden_size,
@@ -366,8 +368,8 @@ class GpuCheck:
             entry.update(built_on="cuda" if on_gpu else "cpu", build_seconds=round(time.perf_counter() - began, 1))
         entry["disk_gib"] = gib(sum(file.stat().st_size for file in folder.iterdir()))
         self.models[key] = folder
-        self.labels[key] = (f"random weights at the {SHAPES[key][0].split('/')[1]} shape, "
-                            f"{plural(shape.num_hidden_layers, 'layer')} {shape.hidden_size} wide")
+        self.labels[key] = entry["label"] = (f"random weights at the {SHAPES[key][0].split('/')[1]} shape, "
+                                             f"{plural(shape.num_hidden_layers, 'layer')} {shape.hidden_size} wide")
 
     def sweep(self, key: str, entry: dict) -> None:
         began = time.perf_counter()
@@ -375,11 +377,13 @@ class GpuCheck:
         shape = plan.model_shape(str(self.folder(key)))
         picks = {card: plan.fit_batch(shape, training, memory).batch_size for card, (_, _, memory) in CARDS.items()}
         chosen = plan.fit_batch(shape, training, self.hardware.memory_gib if self.mode.gpu else None).batch_size
-        divisors = [batch for batch in range(self.mode.effective_batch, 0, -1) if self.mode.effective_batch % batch == 0]
+        effective = self.mode.effective_batch
+        divisors = [batch for batch in range(effective, 0, -1) if effective % batch == 0]
         order = [chosen, *sorted(set(picks.values()) - {chosen}, reverse=True),
                  *(batch for batch in divisors if batch != chosen and batch not in picks.values())]
-        entry.update(model=self.labels[key], profile=profile.name, lora_r=training.lora_r, max_length=training.max_length,
-                     chosen_batch=chosen, plan_picks=picks, rows=[], skipped_batches=[])
+        entry.update(model=self.labels[key], profile=profile.name, lora_r=training.lora_r,
+                     max_length=training.max_length, chosen_batch=chosen, plan_picks=picks, rows=[],
+                     skipped_batches=[])
         loading = time.perf_counter()
         model, tokenizer = models.load_base_model(profile, self.hardware)
         entry["load_seconds"] = round(time.perf_counter() - loading, 1)
@@ -388,7 +392,7 @@ class GpuCheck:
             if batch != chosen and (time.perf_counter() - began > box or self.remaining() < 30):
                 entry["skipped_batches"].append(batch)
                 continue
-            split = replace(training, batch_size=batch, gradient_accumulation_steps=self.mode.effective_batch // batch)
+            split = replace(training, batch_size=batch, gradient_accumulation_steps=effective // batch)
             row, model = train_row(model, tokenizer, split, self.hardware, self.train_items, shape, self.work)
             row["planned_for"] = [card for card, pick in picks.items() if pick == batch]
             entry["rows"].append(row)
@@ -428,7 +432,7 @@ class GpuCheck:
                                   and args.fp16 and not args.bf16)
         runs_on = t4 if self.mode.gpu else self.hardware
         if not self.mode.gpu:
-            entry["note"] = "cpu mode: fp16 training needs CUDA, so the steps ran in fp32 on the CPU, without a scaler"
+            entry["note"] = "cpu mode: fp16 training needs CUDA, so the steps ran in fp32 on the CPU, without a scaler."
         model, tokenizer = models.load_base_model(self.profile("3b"), runs_on)
         row, model = train_row(model, tokenizer, split, runs_on, self.train_items, shape, self.work)
         del model
@@ -507,7 +511,8 @@ class GpuCheck:
         difference = np.abs(rows["batched"] - rows["one"]).max(axis=1)
         medians = [PriceDistributions(rows[name]).median for name in ("batched", "one")]
         return {"model": label, "dtype": dtype_name(model.dtype),
-                "max_abs_dp": float(difference.max()), "max_abs_dp_per_row": [float(f"{value:.3g}") for value in difference],
+                "max_abs_dp": float(difference.max()),
+                "max_abs_dp_per_row": [float(f"{value:.3g}") for value in difference],
                 "medians_equal": int((medians[0] == medians[1]).sum()), "books": len(prompts),
                 "items_per_second_batched": round(len(prompts) / timings["batched"], 2),
                 "items_per_second_one": round(len(prompts) / timings["one"], 2)}
@@ -588,8 +593,8 @@ def training_rows(parts: dict) -> list[tuple[str, dict]]:
 def literals(rows: list[dict]) -> list[str]:
     """The rows as ``config.THROUGHPUTS`` entries (a GPU kind plan.gpu_key does not know needs adding first)."""
     return [("" if row["gpu_key"] else f"    # {row['device']}: not in config.GPU_PEAK_TFLOPS, so no key yet\n")
-            + f"    ({row['gpu_key']!r}, {row['base_model']!r}): Throughput(\n"
-            f"        {row['tokens_per_second']}, {row['kind']!r},\n        {row['source']!r}),"
+            + f"    ({json.dumps(row['gpu_key'])}, {json.dumps(row['base_model'])}): Throughput(\n"
+            f"        {row['tokens_per_second']}, {json.dumps(row['kind'])},\n        {json.dumps(row['source'])}),"
             for row in rows]
 
 
@@ -605,7 +610,8 @@ def markdown(report: dict) -> str:
              f"Python {machine['python']}, {versions}; commit {machine['commit'] or 'unknown'}.", ""]
 
     lines += ["## Training: speed and memory (measured), next to plan.memory_estimate (estimated)", "",
-              "Random weights at the real shapes, the profile's recipe, effective batch "
+              "; ".join(f"{key.upper()}: {parts[f'model_{key}'].get('label')}" for key in SHAPES
+                        if f"model_{key}" in parts) + "; the profile's recipe, effective batch "
               f"{report['settings']['effective_batch']}; tokens/s over the steps after the first. Memory in GiB: "
               "peak allocated and reserved by torch, the device's memory in use at the end (mem_get_info: the "
               "CUDA context and the paged optimizer's managed memory too), allocated before the first step.", ""]
@@ -628,12 +634,12 @@ def markdown(report: dict) -> str:
 
     t4 = parts.get("t4_path", {})
     if "settings_fp16" in t4:
-        lines += ["## The T4 path (fp16 forced on this GPU)", "",
+        lines += ["## The T4 path (fp16 forced)", "",
                   f"{t4['hardware']}: Trainer flags {t4['sft_config_flags']}, compute dtype {t4['compute_dtype']}, "
                   f"4-bit compute dtype {t4['quantization_compute_dtype']}: fp16 settings "
                   f"{cell(t4['settings_fp16'])}. LoRA weights float32 in the optimizer's groups: "
                   f"{cell(t4.get('lora_float32_in_optimizer'))}; gradient scaler's scale finite after every step: "
-                  f"{cell(t4.get('scaler_scale_finite'))}. {t4.get('note', '')}", ""]
+                  f"{cell(t4.get('scaler_scale_finite'))}. {t4.get('note', '')}".rstrip(), ""]
 
     after = parts.get("after_train", {})
     if "steps" in after:

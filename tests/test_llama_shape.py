@@ -92,4 +92,3 @@ def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile,
     predictions = DistributionPredictor(model, tokenizer, batch_size=2).predict(books)
     assert ((1 <= predictions.argmax) & (predictions.argmax <= 999)).all()
     assert ((1 <= predictions.mean) & (predictions.mean <= 999)).all()
-
