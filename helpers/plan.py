@@ -160,7 +160,7 @@ def memory_estimate(model: str | PretrainedConfig, training: config.TrainingConf
     * overhead: CUDA context and allocator slack (``overhead_gib``).
 
     The weights are checked against a real 4-bit model in the tests (within 10%); the
-    activations are a model, to be checked against ``benchmarks/bench_qlora_gpu.py`` on a GPU.
+    activations are a model, to be checked against ``benchmarks/gpu_check.py`` on a GPU.
     """
     shape = model_shape(model)
     counts = parameter_count(shape)
