@@ -341,13 +341,13 @@ def train(profile: config.Profile, hardware: Hardware, the_plan: TrainingPlan, r
     the_plan = replace(the_plan, training=training, steps=optimizer_steps(the_plan.books, training, hardware.world_size))
     wanted = {**the_plan.settings(), "quantization": describe_quantization(quantization)}
 
-    recorded = run.recorded() if resume else None
+    recorded = hardware.agree(run.recorded() if resume else None)  # one reading: the main process's
     if recorded is not None:
         if diffs := differences(recorded, wanted):
             raise RunMismatch(mismatch_message(run, diffs))
         the_plan, settings = _with_record(the_plan, recorded), recorded
     else:
-        if resume and run.last_checkpoint():
+        if resume and hardware.agree(run.last_checkpoint() is not None):
             raise RunMismatch(mismatch_message(run, ["run_config.json: missing (a run from an older version of the "
                                                      "course), so its settings cannot be checked"]))
         settings = wanted
