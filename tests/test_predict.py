@@ -215,7 +215,6 @@ def test_smollm2_writes_prices_digit_by_digit(llama_tokenizer, smollm2_tokenizer
     assert digit_token_ids(llama_tokenizer) is None  # "905" is one Llama token
 
 
-@pytest.mark.slow  # converting the 200,000-token BPE file takes 10-25 s
 def test_llama4_writes_every_price_as_one_token():
     from llama_models.llama4.tokenizer import Tokenizer as Llama4Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
