@@ -68,6 +68,8 @@ PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
 }
+FORMS = ("4-bit + adapter", "merged 16-bit", *(f"GGUF {kind}" for kind in GGUF_TYPES))  # as scored, in order
+FORM_ORDER = {form: index for index, form in enumerate(FORMS)}
 NUM_PREDICT = predict.MAX_NEW_TOKENS + 2  # "999.00" digit by digit, then the end of text
 MODELFILE = '''# {name}: the Book Pricer fine-tune as a {kind} GGUF, for Ollama (https://ollama.com).
 #
@@ -360,12 +362,10 @@ def _megabytes(path: Path) -> float:
 
 
 def _score(board: evaluate.Leaderboard, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           profile: config.Profile, items: list[Item], form: str, path: Path) -> dict:
-    """Evaluate one form by the harness, record it on ``board`` (with its form and size), return its row."""
+           profile: config.Profile, items: list[Item], form: str, path: Path) -> None:
+    """Evaluate one form by the harness and record it on ``board``, with its form and its size on disk."""
     evaluation = evaluate.evaluate(name, predict.llm_predictor(model, tokenizer, profile), items, batched=True)
-    row = {"name": name, "form": form, "size_mb": _megabytes(path), "path": str(path)}
-    board.record(evaluation, form=form, size_mb=row["size_mb"])
-    return {**row, **evaluation.metrics}
+    board.record(evaluation, form=form, size_mb=_megabytes(path))
 
 
 def score_saved_forms(profile: config.Profile, adapter: str | Path | None = None, merged: Path | None = None,
@@ -373,40 +373,48 @@ def score_saved_forms(profile: config.Profile, adapter: str | Path | None = None
                       dtype: torch.dtype = torch.bfloat16) -> pd.DataFrame:
     """Score every saved form of the fine-tune by the same harness on the same books (default: the profile's
     :func:`helpers.evaluate.eval_items`), each recorded on the leaderboard: the 4-bit model with its adapter
-    (the reference, as notebook 05 names it), the merged 16-bit model (``merged``, else saved now), and each
-    GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as transformers reads it, in
-    ``dtype``. Returns one row per form: its metrics, and ``diff`` (with ``diff_ci_low``, ``diff_ci_high``): its
-    MAE minus the 4-bit model's on the same books, by the leaderboard's paired bootstrap."""
+    (the reference, named as notebook 05 names it), the merged 16-bit model (``merged``, else saved now), and
+    each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as transformers reads it,
+    in ``dtype``. Returns :func:`saved_forms`: the rows, each compared with the 4-bit model."""
     items = items if items is not None else evaluate.eval_items(load_curated(profile)[1], profile)
     board = evaluate.leaderboard(profile)
     model, tokenizer = predict.load_finetuned(profile, adapter)
     reference = predict.finetuned_name(model, profile, adapter)
-    rows = [_score(board, reference, model, tokenizer, profile, items, "4-bit + adapter",
-                   Path(predict.adapter_source(profile, adapter)))]
+    _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(predict.adapter_source(profile, adapter)))
     del model
     merged = Path(merged or export.save_merged(profile, adapter, dtype=dtype))
     model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", device_map=finetune.device_map())
-    rows.append(_score(board, f"{reference}, merged {model.dtype}".replace("torch.", ""), model,
-                       AutoTokenizer.from_pretrained(merged), profile, items, "merged 16-bit", merged))
+    _score(board, f"{reference}, merged {str(model.dtype).removeprefix('torch.')}", model,
+           AutoTokenizer.from_pretrained(merged), profile, items, FORMS[1], merged)
     del model
     for kind, folder in (ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES}).items():
         model, tokenizer = load_gguf(folder, dtype)
-        rows.append(_score(board, f"{reference}, GGUF {kind}", model, tokenizer, profile, items, f"GGUF {kind}",
-                           Path(folder) / GGUF_NAME))
+        _score(board, f"{reference}, GGUF {kind}", model, tokenizer, profile, items, f"GGUF {kind}",
+               Path(folder) / GGUF_NAME)
         del model
-    table = pd.DataFrame(rows)
-    table[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(name, reference) for name in table["name"]]
-    return table
+    return saved_forms(board, reference)
+
+
+def saved_forms(board: evaluate.Leaderboard, reference: str) -> pd.DataFrame:
+    """One fine-tune's saved forms as :func:`score_saved_forms` recorded them on ``board``: the 4-bit model
+    (named ``reference``) first, then each form named after it, with its metrics and ``diff`` (``diff_ci_low``,
+    ``diff_ci_high``): its MAE minus the 4-bit model's on the same books, by the leaderboard's paired bootstrap."""
+    rows = board.table()
+    rows = rows[(rows["name"] == reference) | rows["name"].str.startswith(f"{reference}, ")]
+    rows = rows.drop(columns=["vs_reference", "diff", "diff_ci_low", "diff_ci_high"], errors="ignore")
+    rows = rows.sort_values("form", key=lambda forms: forms.map(FORM_ORDER), kind="stable").reset_index(drop=True)
+    rows[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(name, reference) for name in rows["name"]]
+    return rows
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """:func:`score_saved_forms`'s table as Markdown: MAE with its interval, and the paired difference against
-    the 4-bit model with its interval, in dollars."""
-    lines = [f"| model | form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs 4-bit + adapter "
+    """:func:`saved_forms`'s table as Markdown: MAE with its interval, and the paired difference against the
+    4-bit model with its interval, in dollars."""
+    lines = [f"| model | form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
              f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
-        paired = "reference" if row.Index == 0 else (f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to "
-                                                     f"{row.diff_ci_high:+.2f})")
+        paired = "reference" if row.form == FORMS[0] else (f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to "
+                                                           f"{row.diff_ci_high:+.2f})")
         lines.append(f"| {row.name} | {row.form} | {row.size_mb:,.1f} | {row.mae:.2f} | {row.mae_ci_low:.2f}-"
                      f"{row.mae_ci_high:.2f} | {paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
     return "\n".join(lines)

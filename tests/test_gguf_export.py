@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mist
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from helpers import config, export, finetune, gguf_export
+from helpers import config, evaluate, export, finetune, gguf_export
 from helpers.predict import DistributionPredictor
 
 BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
@@ -174,3 +174,20 @@ def test_another_architecture_stops_naming_what_is_supported_and_llama_cpp(setti
                                          r"\(Llama 3\.x, SmolLM2\) only.*llama\.cpp.*convert_hf_to_gguf\.py"):
         gguf_export.convert(config.get_profile("smoke"), tmp_path / "merged", "q8_0")
     assert not (tmp_path / "gguf-q8_0").exists()
+
+
+def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_same_books(tmp_path):
+    board = evaluate.Leaderboard(tmp_path / "leaderboard.csv")
+    truths = np.array([10.0, 20.0, 30.0, 40.0])
+    reference = "Fine-tuned (QLoRA r=8), SmolLM2-135M-Instruct"
+    for name, form, errors in [("Constant (train mean)", None, [9, 9, 9, 9]), (f"{reference}, GGUF q8_0", "GGUF q8_0",
+                               [3, 4, 3, 6]), (reference, "4-bit + adapter", [2, 4, 2, 4]),
+                               (f"{reference}, merged bfloat16", "merged 16-bit", [1, 3, 2, 2])]:
+        evaluation = evaluate.Evaluation(name, truths, truths + np.array(errors, dtype=float), failures=[])
+        board.record(evaluation, **({"form": form, "size_mb": 1.0} if form else {"train_items": 60}))
+    table = gguf_export.saved_forms(board, reference)
+    assert table["form"].tolist() == ["4-bit + adapter", "merged 16-bit", "GGUF q8_0"]  # the baseline left out
+    assert table["diff"].tolist() == pytest.approx([0.0, -1.0, 1.0])
+    assert (table["diff_ci_low"] <= table["diff"]).all() and (table["diff"] <= table["diff_ci_high"]).all()
+    lines = gguf_export.markdown(table).splitlines()
+    assert "| reference |" in lines[2] and "| -1.00 (" in lines[3] and lines[0].count("|") == lines[3].count("|")
