@@ -106,8 +106,8 @@ def check_supported(model_config: object, folder: Path) -> None:
     architectures = getattr(model_config, "architectures", None) or [type(model_config).__name__]
     supported = ", ".join(f"{name} ({models})" for name, models in SUPPORTED_ARCHITECTURES.items())
     fix = (f"convert it with llama.cpp's own converter instead ({LLAMA_CPP}: `python convert_hf_to_gguf.py "
-           f"{folder} --outtype q8_0`), which writes Qwen, Mistral, Gemma and many more, then put "
-           f"gguf_export.modelfile(...) beside the file for Ollama")
+           f"{folder} --outtype q8_0`), which writes Qwen, Mistral, Gemma and many more, and write its Ollama "
+           "Modelfile with gguf_export.modelfile")
     if architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{folder} holds a {architectures[0]} model: the course's GGUF export writes {supported} "
                          f"only. To export it, {fix}.")

@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mist
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from helpers import config, evaluate, export, finetune, gguf_export
+from helpers import assets, config, evaluate, export, finetune, gguf_export
 from helpers.predict import DistributionPredictor
 
 BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
@@ -191,3 +191,43 @@ def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_sa
     assert (table["diff_ci_low"] <= table["diff"]).all() and (table["diff"] <= table["diff_ci_high"]).all()
     lines = gguf_export.markdown(table).splitlines()
     assert "| reference |" in lines[2] and "| -1.00 (" in lines[3] and lines[0].count("|") == lines[3].count("|")
+
+
+@pytest.fixture(scope="module")
+def llama_3(tmp_path_factory):
+    """A merged folder shaped like a Llama 3.1 export: a random 1-layer Llama with Llama 3.1's rope scaling and
+    untied output, saved with the offline Llama 3.1 tokenizer; and its q8_0 GGUF folder."""
+    folder = tmp_path_factory.mktemp("llama") / "merged"
+    settings = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128_256, tie_word_embeddings=False,
+                           architectures=["LlamaForCausalLM"], rope_parameters={
+                               "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    AutoModelForCausalLM.from_config(settings).save_pretrained(folder)
+    assets.llama3_tokenizer_offline().save_pretrained(folder)
+    return folder, gguf_export.convert(config.get_profile("full"), folder, "q8_0")
+
+
+@pytest.mark.slow
+def test_a_llama_3_export_names_its_pre_tokenizer_bos_rope_factors_and_license(llama_3):
+    folder, exported = llama_3
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    path = exported / gguf_export.GGUF_NAME
+    meta = fields(path)
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe" and meta["tokenizer.ggml.add_bos_token"] is True
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.padding_token_id"]) == (
+        tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(config.LLAMA_PAD_TOKEN))
+    assert meta["general.license"] == "llama3.1" and meta["general.name"].startswith("Llama")  # as its license asks
+    types = dict(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]))
+    assert types["<|eot_id|>"] == gguf.TokenType.CONTROL and types["Price"] == gguf.TokenType.NORMAL
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    assert {"output.weight", "rope_freqs.weight"} <= set(tensors)  # the untied output, Llama 3's rope scaling
+    assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.slow
+def test_a_llama_3_gguf_tokenizes_as_the_llama_3_tokenizer(llama_3, sample_items):
+    folder, exported = llama_3
+    prompts = [item.test_prompt for item in sample_items]
+    read_back = AutoTokenizer.from_pretrained(exported, gguf_file=gguf_export.GGUF_NAME)
+    assert read_back(prompts)["input_ids"] == AutoTokenizer.from_pretrained(folder)(prompts)["input_ids"]
