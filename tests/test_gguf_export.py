@@ -231,3 +231,10 @@ def test_a_llama_3_gguf_tokenizes_as_the_llama_3_tokenizer(llama_3, sample_items
     prompts = [item.test_prompt for item in sample_items]
     read_back = AutoTokenizer.from_pretrained(exported, gguf_file=gguf_export.GGUF_NAME)
     assert read_back(prompts)["input_ids"] == AutoTokenizer.from_pretrained(folder)(prompts)["input_ids"]
+
+
+def test_gguf_goes_with_a_merge_not_with_adapter_only(capsys):
+    with pytest.raises(SystemExit):
+        export.parse_args(["--adapter-only", "--push-to-hub", "someone/book-pricer", "--gguf", "q8_0"])
+    assert "--gguf converts the merged model" in capsys.readouterr().err
+    assert export.parse_args(["--gguf", "f16", "q8_0"]).gguf == ["f16", "q8_0"]
