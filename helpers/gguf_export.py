@@ -363,29 +363,35 @@ def _megabytes(path: Path) -> float:
 
 def _score(board: evaluate.Leaderboard, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
            profile: config.Profile, items: list[Item], form: str, path: Path) -> None:
-    """Evaluate one form by the harness and record it on ``board``, with its form and its size on disk."""
+    """Evaluate one form by the harness and record it on ``board``, with its form, its size on disk and the
+    dtype it computed in."""
     evaluation = evaluate.evaluate(name, predict.llm_predictor(model, tokenizer, profile), items, batched=True)
-    board.record(evaluation, form=form, size_mb=_megabytes(path))
+    board.record(evaluation, form=form, size_mb=_megabytes(path), compute=str(model.dtype).removeprefix("torch."))
 
 
 def score_saved_forms(profile: config.Profile, adapter: str | Path | None = None, merged: Path | None = None,
                       ggufs: dict[str, Path] | None = None, items: list[Item] | None = None,
-                      dtype: torch.dtype = torch.bfloat16) -> pd.DataFrame:
+                      dtype: torch.dtype | None = None) -> pd.DataFrame:
     """Score every saved form of the fine-tune by the same harness on the same books (default: the profile's
     :func:`helpers.evaluate.eval_items`), each recorded on the leaderboard: the 4-bit model with its adapter
     (the reference, named as notebook 05 names it), the merged 16-bit model (``merged``, else saved now), and
-    each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as transformers reads it,
-    in ``dtype``. Returns :func:`saved_forms`: the rows, each compared with the 4-bit model."""
+    each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as transformers reads it.
+    The merged and GGUF forms compute in ``dtype``, by default float32 on a CPU (so that only their stored
+    weights differ: bf16 arithmetic alone moves a median by a dollar now and then) and bfloat16 on a GPU
+    (half the memory: an 8B model in float32 needs 32 GB). Returns :func:`saved_forms`: the rows, each
+    compared with the 4-bit model."""
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     items = items if items is not None else evaluate.eval_items(load_curated(profile)[1], profile)
     board = evaluate.leaderboard(profile)
     model, tokenizer = predict.load_finetuned(profile, adapter)
     reference = predict.finetuned_name(model, profile, adapter)
     _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(predict.adapter_source(profile, adapter)))
     del model
-    merged = Path(merged or export.save_merged(profile, adapter, dtype=dtype))
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", device_map=finetune.device_map())
-    _score(board, f"{reference}, merged {str(model.dtype).removeprefix('torch.')}", model,
-           AutoTokenizer.from_pretrained(merged), profile, items, FORMS[1], merged)
+    merged = Path(merged or export.save_merged(profile, adapter))
+    saved = json.loads((merged / "config.json").read_text())["dtype"]
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map=finetune.device_map())
+    _score(board, f"{reference}, merged {saved}", model, AutoTokenizer.from_pretrained(merged), profile, items,
+           FORMS[1], merged)
     del model
     for kind, folder in (ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES}).items():
         model, tokenizer = load_gguf(folder, dtype)
