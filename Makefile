@@ -8,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train test test-fast bench clean colab demo demo-check export
+.PHONY: setup smoke curate train test test-fast bench clean colab demo demo-check export gguf
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ demo-check: setup
 # The fine-tuned model merged into a 16-bit copy of the base model: runs/$(PROFILE)/qlora/merged.
 export: setup
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export
+
+# ... and written as GGUF for llama.cpp and Ollama, with a Modelfile: runs/$(PROFILE)/qlora/gguf-{f16,q8_0}.
+gguf: setup
+	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export --gguf f16 q8_0
 
 test: setup
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \

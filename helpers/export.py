@@ -1,7 +1,8 @@
 """Keep the fine-tuned model: the LoRA adapter merged into a 16-bit copy of the base model, saved and shared.
 
     python -m helpers.export [--profile P] [--adapter FOLDER_OR_HUB_ID] [--output-dir D]
-                             [--dtype bfloat16|float16|float32] [--push-to-hub USER/REPO] [--adapter-only]
+                             [--dtype bfloat16|float16|float32] [--gguf f16|q8_0 ...]
+                             [--push-to-hub USER/REPO] [--adapter-only]
 
 The profile defaults to ``$BOOK_PRICER_PROFILE``, else ``smoke``; the adapter to this profile's run
 (``runs/<profile>/qlora/adapter``). The base model is loaded NOT quantised (a merge into 4-bit weights
@@ -10,6 +11,9 @@ would round them back to 4 bits), in bf16 by default (the dtype Llama is release
 bitsandbytes needed. It is saved with its tokenizer, the run card and the base model's license, by
 default in ``merged/`` beside ``adapter/``. A 16-bit Llama-3.1-8B needs about 16 GB of RAM (more than
 a free Colab has): with less, the export stops before loading it.
+
+``--gguf f16`` (or ``q8_0``, or both) also converts the merged folder into ``gguf-<type>/`` beside it: one GGUF
+file for llama.cpp and Ollama, with an Ollama Modelfile (:mod:`helpers.gguf_export`; Llama 3.x and SmolLM2).
 
 ``--push-to-hub REPO`` uploads the merged folder, or with ``--adapter-only`` the adapter folder alone
 (megabytes, no merge: it loads on the 4-bit base model anywhere), to a private hub model repo. It needs
@@ -234,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the merged model goes (default: merged/ beside the adapter folder)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
                         help="the merged weights' dtype (default: bfloat16)")
+    parser.add_argument("--gguf", nargs="+", choices=["f16", "q8_0"], default=[], metavar="TYPE",
+                        help="also write the merged model as GGUF (f16, q8_0 or both), with an Ollama Modelfile, "
+                             "in gguf-<type>/ beside the merged folder")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="upload the merged model (or the adapter) to this private hub model repo (needs HF_TOKEN)")
     parser.add_argument("--adapter-only", action="store_true",
@@ -241,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.adapter_only and not args.push_to_hub:
         parser.error("--adapter-only goes with --push-to-hub REPO: it skips the merge and uploads the adapter")
+    if args.adapter_only and args.gguf:
+        parser.error("--gguf converts the merged model: it does not go with --adapter-only, which skips the merge")
     return args
 
 
@@ -256,6 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     folder = save_merged(profile, args.adapter, args.output_dir, DTYPES[args.dtype])
     print(f"Saved the merged model to {folder}")
+    if args.gguf:
+        from helpers import gguf_export  # here: gguf_export itself builds on this module
+
+        for gguf_type in args.gguf:
+            print(f"Saved the {gguf_type} GGUF and its Modelfile to {gguf_export.convert(profile, folder, gguf_type)}")
     if args.push_to_hub:
         print(f"Pushed the merged model: {push_to_hub(folder, args.push_to_hub, MERGED_MESSAGE)}")
 
