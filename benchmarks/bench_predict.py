@@ -1,15 +1,23 @@
 """Price reading speed and MAE: the price distribution against greedy generation, for both tokenizer kinds.
 
 ``DistributionPredictor`` reads P(price = n), n in 1..999: with the Llama 3.1 tokenizer (every
-number one token) in ONE forward pass per batch; with SmolLM2's digit tokenizer by the digit tree
-(a prompt pass and two batched steps on its KV cache per book). ``GeneratePredictor`` generates a
-few tokens greedily and parses them. Per tokenizer, every decoder runs on the same model and books.
+number one token) in ONE forward pass per batch; with SmolLM2's digit tokenizer by the digit tree,
+also one forward pass per batch (each prompt followed by its 99 branch tokens under a tree-shaped
+attention mask). ``GeneratePredictor`` generates a few tokens greedily and parses them. Per tokenizer,
+every decoder runs on the same model and books. The two models differ in size (their vocabularies,
+128,256 and 49,152 tokens, are most of their parameters), so the SmolLM2 model also times the
+single-token path's pass itself, reading 999 arbitrary tokens (its prices mean nothing, no MAE):
+the digit tree against one pass on the same model.
 
 Offline there is no Llama 3.1 model, so this benchmark trains two TINY random-init
 ``LlamaForCausalLM`` of the same shape, one per tokenizer (Llama 3.1, SmolLM2), for a few seconds on
 the curated smoke training prompts, the loss on the answer tokens only. Their MAEs compare
-*decoders* on one model; they say nothing about how well a real LLM prices books. Run:
-``python benchmarks/bench_predict.py [--epochs N]`` (needs ``python -m helpers.curate`` first).
+*decoders* on one model; they say nothing about how well a real LLM prices books. In a stand-in
+the output layer (vocabulary x 128) is most of a token's work, so the digit tree's 100 full
+softmaxes per book weigh far more than in a real LLM; the decoders are also timed on the real
+SmolLM2-135M (the smoke profile's base model, untuned, float32) on ``--real-books`` books (8; 0 skips
+it). Run: ``python benchmarks/bench_predict.py [--epochs N] [--real-books N]`` (needs
+``python -m helpers.curate`` first).
 """
 
 from __future__ import annotations
@@ -18,14 +26,15 @@ import argparse
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from helpers import config
-from helpers.assets import llama3_tokenizer_offline, load_tokenizer
+from helpers.assets import llama3_tokenizer_offline, load_tokenizer, smollm2_checkpoint
 from helpers.curate import load_curated
 from helpers.evaluate import Evaluation, eval_items, evaluate
 from helpers.items import Item
-from helpers.predict import DistributionPredictor, GeneratePredictor
+from helpers.predict import LARGEST_PRICE, DistributionPredictor, GeneratePredictor
 
 
 def tiny_llama(vocab_size: int, pad_token_id: int) -> LlamaForCausalLM:
@@ -76,12 +85,42 @@ def timed(name: str, predictor, items: list[Item], repeats: int) -> tuple[Evalua
     return evaluation, best
 
 
+def decoder_rows(label: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[Item],
+                 batch_size: int, repeats: int) -> list[tuple[Evaluation, float, bool]]:
+    """Every decoder on ``model``, as (evaluation, best items/s, whether its prices mean anything): the distribution
+    and its three readings, batched greedy generation, then one book at a time for a single-token tokenizer, or the
+    single-token path's pass itself for a digit tokenizer."""
+    distribution = DistributionPredictor(model, tokenizer, batch_size)
+    generate = GeneratePredictor(model, tokenizer, batch_size)
+    for predictor in (distribution, generate):  # warm-up: first-call allocations are not what we measure
+        predictor(items[:2])
+    median, rate = timed(f"{label}: {distribution.path}, median", distribution, items, repeats)
+    readings = distribution(items)
+    rows = [(median, rate, True)]
+    for reading in ("mean", "argmax"):  # the same pass, read differently: the same speed
+        readings.reading = reading
+        rows.append((evaluate(f"{label}: {distribution.path}, {reading}", lambda batch: readings, items,
+                              batched=True), rate, True))
+    rows.append((*timed(f"{label}: greedy generation, batch {batch_size}", generate, items, repeats), True))
+    if distribution.path == "single-token":
+        rows.append((*timed(f"{label}: greedy generation, batch 1", GeneratePredictor(model, tokenizer, 1), items,
+                            repeats), True))
+    else:  # the single-token path's code on this model: its one pass per batch, 999 tokens that are no numbers
+        one_pass = DistributionPredictor(model, tokenizer, batch_size)
+        one_pass.number_ids = list(range(1, LARGEST_PRICE + 1))
+        one_pass(items[:2])
+        rows.append((*timed(f"{label}: single-token pass (no prices)", one_pass, items, repeats), False))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default="smoke")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each decoder; the best counts")
+    parser.add_argument("--real-books", type=int, default=8,
+                        help="books to time the decoders on with the real SmolLM2-135M (float32); 0: skip it")
     args = parser.parse_args()
     profile = config.get_profile(args.profile)
     train, test = load_curated(profile)
@@ -94,28 +133,20 @@ def main() -> None:
         losses = train_on_answers(model, tokenizer, train, args.epochs, batch_size, args.learning_rate)
         print(f"Stand-in model, {label} tokenizer: a tiny random-init Llama ({model.num_parameters() / 1e6:.1f}M "
               f"parameters) trained {time.perf_counter() - started:.0f} s on {len(train)} smoke training prompts; "
-              f"answer loss {losses[0]:.2f} -> {losses[-1]:.2f}.")
-        distribution = DistributionPredictor(model, tokenizer, batch_size)
-        generate = GeneratePredictor(model, tokenizer, batch_size)
-        for predictor in (distribution, generate):  # warm-up: first-call allocations are not what we measure
-            predictor(items[:2])
-        median, rate = timed(f"{label}: {distribution.path}, median", distribution, items, args.repeats)
-        readings = distribution(items)
-        rows.append((median, rate))
-        for reading in ("mean", "argmax"):  # the same pass, read differently: the same speed
-            readings.reading = reading
-            rows.append((evaluate(f"{label}: {distribution.path}, {reading}", lambda batch: readings, items,
-                                  batched=True), rate))
-        rows.append(timed(f"{label}: greedy generation, batch {batch_size}", generate, items, args.repeats))
-        if label == "Llama 3.1":
-            rows.append(timed(f"{label}: greedy generation, batch 1", GeneratePredictor(model, tokenizer, 1),
-                              items, args.repeats))
-    print("Their MAEs compare decoders on one model per tokenizer, not the quality of a real LLM.\n")
-    print(f"{'decoder':<44}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
-    for evaluation, rate in rows:
+              f"answer loss {losses[0]:.2f} -> {losses[-1]:.2f}.", flush=True)
+        rows += decoder_rows(label, model, tokenizer, items, batch_size, args.repeats)
+    print("Their MAEs compare decoders on one model per tokenizer, not the quality of a real LLM.")
+    if args.real_books:
+        model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32).eval()
+        rows += decoder_rows("SmolLM2-135M", model, load_tokenizer("smollm2"), items[:args.real_books], batch_size,
+                             args.repeats)
+        print(f"SmolLM2-135M: the real model (untuned, float32) on the first {args.real_books} of the books.")
+    print(f"\n{'decoder':<50}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
+    for evaluation, rate, priced in rows:
         metrics = evaluation.metrics
-        coverage = "-" if evaluation.reading == "point" else f"{metrics['coverage']:.0%}"
-        print(f"{evaluation.name:<44}{rate:>10.1f}{metrics['mae']:>10.2f}{metrics['n_failed']:>8}{coverage:>11}")
+        mae, failed = (f"{metrics['mae']:.2f}", metrics["n_failed"]) if priced else ("-", "-")
+        coverage = "-" if evaluation.reading == "point" or not priced else f"{metrics['coverage']:.0%}"
+        print(f"{evaluation.name:<50}{rate:>10.3g}{mae:>10}{failed:>8}{coverage:>11}")
     print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each; mean and argmax come from the "
           "median's pass (same speed).")
 
