@@ -75,7 +75,16 @@ def test_a_tokenizer_that_writes_prices_neither_way_stops_the_plan(open_profile,
         """A tokenizer that spells every number as one word piece per character pair: no path applies."""
 
         def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-            return [hash(text[index:index + 2]) % 1000 for index in range(0, len(text), 2)]
+            return [sum(map(ord, text[index:index + 2])) for index in range(0, len(text), 2)]
+
+        def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+            return {"input_ids": [self.encode(text) for text in texts]}
+
+        def batch_decode(self, sequences: list[list[int]], **options: object) -> list[str]:
+            return ["?" * len(ids) for ids in sequences]
+
+        def decode(self, ids: list[int], **options: object) -> str:
+            return "?" * len(ids)
 
     with pytest.raises(ValueError, match="neither as single tokens.*nor digit by digit.*another base model"):
         plan.check_price_tokens(Words(), "someone/odd-model")
