@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -45,6 +46,9 @@ def test_an_unknown_tracker_names_the_choices():
 
 
 def _log(run_dir, steps, purge_step, value):
+    # Event files are read in name order: time in seconds, host, pid, then a per-process counter that sorts as
+    # text (".10" before ".9"). Real runs start seconds apart; these writers would share a second.
+    time.sleep(1.05)
     with SummaryWriter(str(tracking.log_dir(run_dir)), purge_step=purge_step) as writer:
         for step in steps:
             writer.add_scalar("train/loss", value, step)
