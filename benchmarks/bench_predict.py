@@ -34,7 +34,7 @@ from helpers.assets import llama3_tokenizer_offline, load_tokenizer, smollm2_che
 from helpers.curate import load_curated
 from helpers.evaluate import Evaluation, eval_items, evaluate
 from helpers.items import Item
-from helpers.predict import LARGEST_PRICE, DistributionPredictor, GeneratePredictor
+from helpers.predict import LARGEST_PRICE, MAX_NEW_TOKENS, TREE_BRANCHES, DistributionPredictor, GeneratePredictor
 
 
 def tiny_llama(vocab_size: int, pad_token_id: int) -> LlamaForCausalLM:
@@ -113,6 +113,40 @@ def decoder_rows(label: str, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     return rows
 
 
+def multiply_adds(model: PreTrainedModel, prompt_tokens: float) -> dict[str, float]:
+    """Estimated multiply-adds per book of each decoder on ``model`` (a Llama shape), from its shape alone: the
+    body (attention projections and MLP of every layer) per token read, and the output layer (vocabulary x
+    hidden) per position whose full logits are needed. Attention scores are left out (short prompts)."""
+    shape = model.config
+    head_dim = getattr(shape, "head_dim", None) or shape.hidden_size // shape.num_attention_heads
+    layer = shape.hidden_size * head_dim * 2 * (shape.num_attention_heads + shape.num_key_value_heads) \
+        + 3 * shape.hidden_size * shape.intermediate_size
+    body, head = shape.num_hidden_layers * layer, shape.vocab_size * shape.hidden_size
+    return {
+        "single-token pass": body * prompt_tokens + head,  # the prompt, the logits at its last token
+        # the prompt and its 99 branch tokens; every branch position and the prompt's last need a full softmax
+        "digit tree": body * (prompt_tokens + TREE_BRANCHES) + (TREE_BRANCHES + 1) * head,
+        "greedy generation": body * (prompt_tokens + MAX_NEW_TOKENS - 1) + MAX_NEW_TOKENS * head,  # one per token
+        "output layer share": head / (body + head),
+    }
+
+
+def arithmetic_lines(label: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: list[Item],
+                     rates: dict[str, float]) -> list[str]:
+    """The digit tree's speed against one pass and greedy generation: the ratio its arithmetic allows (estimated)
+    beside the ratio measured in this run."""
+    prompt_tokens = sum(len(tokenizer.encode(item.test_prompt)) for item in items) / len(items)
+    work = multiply_adds(model, prompt_tokens)
+    tree = rates[f"{label}: digit tree, median"]
+    return [f"{label} ({prompt_tokens:.0f} prompt tokens a book; the output layer is {work['output layer share']:.0%} "
+            "of a token's multiply-adds):"] + [
+        f"  digit tree / {other}: {work[other] / work['digit tree']:.2f} by arithmetic (estimated), "
+        f"{tree / rates[name]:.2f} measured"
+        for other, name in (("single-token pass", f"{label}: single-token pass (no prices)"),
+                            ("greedy generation", next(name for name in rates
+                                                       if name.startswith(f"{label}: greedy generation, batch"))))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default="smoke")
@@ -126,9 +160,11 @@ def main() -> None:
     train, test = load_curated(profile)
     items = eval_items(test, profile)
     batch_size = profile.predict_batch_size
-    rows = []
+    rows, digit_models = [], []
     for label, tokenizer in (("Llama 3.1", llama3_tokenizer_offline()), ("SmolLM2", load_tokenizer("smollm2"))):
         model = tiny_llama(len(tokenizer), tokenizer.pad_token_id)
+        if label == "SmolLM2":
+            digit_models.append((label, model, tokenizer, items))
         started = time.perf_counter()
         losses = train_on_answers(model, tokenizer, train, args.epochs, batch_size, args.learning_rate)
         print(f"Stand-in model, {label} tokenizer: a tiny random-init Llama ({model.num_parameters() / 1e6:.1f}M "
@@ -140,6 +176,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32).eval()
         rows += decoder_rows("SmolLM2-135M", model, load_tokenizer("smollm2"), items[:args.real_books], batch_size,
                              args.repeats)
+        digit_models.append(("SmolLM2-135M", model, load_tokenizer("smollm2"), items[:args.real_books]))
         print(f"SmolLM2-135M: the real model (untuned, float32) on the first {args.real_books} of the books.")
     print(f"\n{'decoder':<50}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
     for evaluation, rate, priced in rows:
@@ -148,7 +185,11 @@ def main() -> None:
         coverage = "-" if evaluation.reading == "point" or not priced else f"{metrics['coverage']:.0%}"
         print(f"{evaluation.name:<50}{rate:>10.3g}{mae:>10}{failed:>8}{coverage:>11}")
     print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each; mean and argmax come from the "
-          "median's pass (same speed).")
+          "median's pass (same speed). Measured on this machine.")
+    rates = {evaluation.name: rate for evaluation, rate, _ in rows}
+    print("\nThe digit tree's floor: 100 full-vocabulary softmaxes a book, against 1 for one pass and 6 for greedy.")
+    for label, model, tokenizer, books in digit_models:
+        print("\n".join(arithmetic_lines(label, model, tokenizer, books, rates)))
 
 
 if __name__ == "__main__":

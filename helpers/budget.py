@@ -5,9 +5,10 @@ A plan's minutes come from a speed table; a run with ``time_budget_minutes`` doe
 checkpoint, and then knows what a step, an evaluation and a checkpoint really cost here. It fixes
 the number of steps so that training (with its evaluations, checkpoints and final save) ends inside
 the budget, counted from the start of :func:`helpers.finetune.train`, model loading included, and
-reshapes the learning-rate schedule so that the cosine reaches its floor at exactly that step (the
-warm-up stays the recipe's ratio of the new total). The choice is recorded in the run's settings, so
-a run killed after calibration resumes to the same total.
+reshapes the learning-rate schedule, from the next step on, into a cosine of exactly that many steps
+(the warm-up stays the recipe's ratio of the new total): the last step trains at its smallest rate and
+the schedule stands at 0 after it. The choice is recorded in the run's settings, so a run killed after
+calibration resumes to the same total.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def steps_within(budget_seconds: float, done: int, cap: int, step: float, evalua
 
 
 def reshape_schedule(scheduler: object, args: TrainingArguments, steps: int) -> None:
-    """Point a ``LambdaLR`` schedule of the Trainer (cosine, linear...) at ``steps`` total steps."""
+    """Point a ``LambdaLR`` schedule of the Trainer (cosine, linear...) at ``steps`` total steps, from the next step on."""
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas or not all(isinstance(rule, functools.partial) and "num_training_steps" in rule.keywords
@@ -76,6 +77,11 @@ def reshape_schedule(scheduler: object, args: TrainingArguments, steps: int) -> 
     scheduler.lr_lambdas = [functools.partial(rule.func, **{**rule.keywords, "num_training_steps": steps,
                                                              "num_warmup_steps": args.get_warmup_steps(steps)})
                             for rule in lambdas]
+    # the next step already uses the new shape (LambdaLR would apply it only after that step)
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 class TimeBudget(TrainerCallback):

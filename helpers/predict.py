@@ -211,7 +211,7 @@ class Predictor(Protocol):
     def __call__(self, items: list[Item]) -> Sequence[float | None]: ...
 
 
-_BRANCHES = 99  # the tokens after each prompt in the digit tree: 9 first digits d1, then 10 digits d2 after each
+TREE_BRANCHES = 99  # the tokens after each prompt in the digit tree: 9 first digits d1, then 10 digits d2 after each
 _TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take the digit tree's 4D mask as it is
 
 
@@ -249,8 +249,8 @@ class DistributionPredictor:
             self._branches = torch.tensor([*self.digits.first, *self.digits.digits * 9], device=device)
             self._depths = torch.tensor([0] * 9 + [1] * 90, device=device)  # a d1 one past the prompt, a d2 two
             self._scored = torch.tensor([*self.digits.first, *self.digits.digits, self.digits.end], device=device)
-            seen = torch.eye(_BRANCHES, dtype=torch.bool, device=device)  # among the branches: itself and its d1
-            seen[torch.arange(9, _BRANCHES), torch.arange(90) // 10] = True
+            seen = torch.eye(TREE_BRANCHES, dtype=torch.bool, device=device)  # among the branches: itself and its d1
+            seen[torch.arange(9, TREE_BRANCHES), torch.arange(90) // 10] = True
             self._branches_seen = seen
 
     @property
@@ -278,7 +278,7 @@ class DistributionPredictor:
         followed by their branch tokens: a prompt token sees its book's real tokens up to itself, a branch token
         its book's real prompt tokens, its d1 and itself, a pad only itself (no row is empty)."""
         books, length = real.shape
-        size = length + _BRANCHES
+        size = length + TREE_BRANCHES
         seen = torch.zeros(books, size, size, dtype=torch.bool, device=real.device)
         causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
         seen[:, :length, :length] = causal & real[:, None, :]
@@ -300,7 +300,7 @@ class DistributionPredictor:
                               dim=1)
         logits = self.model(input_ids=torch.cat([inputs["input_ids"], self._branches.expand(books, -1)], dim=1),
                             attention_mask=self._tree_mask(real), position_ids=positions,
-                            logits_to_keep=_BRANCHES + 1, use_cache=False).logits.float()
+                            logits_to_keep=TREE_BRANCHES + 1, use_cache=False).logits.float()
         # (books, 100 positions: the prompt's last token, 9 d1, 90 d2; 20 tokens: the first digits 1..9,
         # the digits 0..9, the end)
         log_p = (logits[..., self._scored] - logits.logsumexp(dim=-1, keepdim=True)).double()

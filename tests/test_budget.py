@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from dataclasses import replace
@@ -16,7 +17,7 @@ from helpers.hardware import Hardware
 from helpers.runs import RunDir
 from training_runs import STARTUP_TIMEOUT_S, train_command
 
-BUDGET_MINUTES = 2.0  # loading and calibration take ~40 s on a quiet 2-core CPU; the rest trains
+BUDGET_MINUTES = 1.5  # loading and calibration take ~40 s on a quiet 2-core CPU; the rest trains (~9 steps)
 TOLERANCE = 0.15  # the run may overshoot its budget by this share: steps vary, the last eval and save are estimated
 
 
@@ -82,12 +83,31 @@ def test_a_budgeted_run_ends_inside_its_budget(budgeted_run):
 
 @pytest.mark.slow
 def test_the_learning_rate_reaches_its_floor_at_the_last_step(budgeted_run):
+    # The Trainer logs the rate each step used; a cosine of N steps uses its last positive rate at step N and
+    # stands at 0 after it. From the step after calibration on, the rates are those of the chosen length.
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
     run, _, _ = budgeted_run
+    recorded = run.recorded()
+    chosen, base = recorded["budgeted_steps"], recorded["training"]["learning_rate"]
     state = TrainerState.load_from_json(str(run.last_checkpoint() / runs.TRAINER_STATE))
     rates = {log["step"]: log["learning_rate"] for log in state.log_history if "learning_rate" in log}
-    last = max(rates)
-    assert last == state.global_step == state.max_steps and rates[last] == 0.0
-    assert all(rate > 0 for step, rate in rates.items() if 1 < step < last)
+    assert max(rates) == state.global_step == state.max_steps == chosen
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    warmup = math.ceil(recorded["training"]["warmup_ratio"] * chosen)
+    cosine = get_cosine_schedule_with_warmup(optimizer, warmup, chosen)
+    expected = {}
+    for step in range(1, chosen + 1):
+        expected[step] = cosine.get_last_lr()[0]
+        optimizer.step()
+        cosine.step()
+    after = [step for step in rates if step > config.CALIBRATION_STEPS]
+    assert after and [rates[step] for step in after] == pytest.approx([expected[step] for step in after], rel=1e-6)
+    assert 0 < rates[chosen] == min(rates[step] for step in after) and cosine.get_last_lr()[0] == 0.0
+    scheduler = torch.load(run.last_checkpoint() / "scheduler.pt", weights_only=False)
+    assert scheduler["last_epoch"] == chosen and set(scheduler["_last_lr"]) == {0.0}  # every parameter group
 
 
 @pytest.mark.slow

@@ -105,6 +105,12 @@ def no_dot() -> PreTrainedTokenizerFast:
     return word_tokenizer(r"\d|[^\W\d]+|\s+|[^\w\s]", [*(word for word in _WORDS if word != "."), *_DIGITS])
 
 
+@pytest.fixture(scope="module")
+def no_numbers() -> PreTrainedTokenizerFast:
+    """No digit in its vocabulary: every number, "21" or "905", is the one token [UNK]."""
+    return word_tokenizer(r"\d+|[^\W\d]+|\s+|[^\w\s]", _WORDS)
+
+
 # --- the single-token path ------------------------------------------------------------------------------------
 def test_every_llama_number_is_one_token(llama_tokenizer):
     ids = number_token_ids(llama_tokenizer)
@@ -226,7 +232,7 @@ def test_llama4_writes_every_price_as_one_token():
     assert ids is not None and tokenizer.decode([ids[904]]) == "905" and digit_token_ids(tokenizer) is None
 
 
-@pytest.mark.parametrize("tokenizer_name", ["paired_digits", "no_dot"])
+@pytest.mark.parametrize("tokenizer_name", ["paired_digits", "no_dot", "no_numbers"])
 def test_a_tokenizer_that_fits_neither_path_names_the_fix(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     assert number_token_ids(tokenizer) is None and digit_token_ids(tokenizer) is None
