@@ -67,7 +67,7 @@ def steps_within(budget_seconds: float, done: int, cap: int, step: float, evalua
 
 
 def reshape_schedule(scheduler: object, args: TrainingArguments, steps: int) -> None:
-    """Point a ``LambdaLR`` schedule of the Trainer (cosine, linear...) at ``steps`` total steps, from the next step on."""
+    """Point a ``LambdaLR`` schedule of the Trainer (cosine, linear...) at ``steps`` total steps, from the next step."""
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas or not all(isinstance(rule, functools.partial) and "num_training_steps" in rule.keywords
