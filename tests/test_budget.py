@@ -17,7 +17,7 @@ from helpers.hardware import Hardware
 from helpers.runs import RunDir
 from training_runs import STARTUP_TIMEOUT_S, train_command
 
-BUDGET_MINUTES = 1.5  # loading and calibration take ~40 s on a quiet 2-core CPU; the rest trains (~9 steps)
+BUDGET_MINUTES = 2.0  # loading and calibration take ~40 s on a quiet 2-core CPU, ~60 s on a CI box 1.5x slower
 TOLERANCE = 0.15  # the run may overshoot its budget by this share: steps vary, the last eval and save are estimated
 
 
