@@ -106,6 +106,7 @@ def test_the_learning_rate_reaches_its_floor_at_the_last_step(budgeted_run):
     after = [step for step in rates if step > config.CALIBRATION_STEPS]
     assert after and [rates[step] for step in after] == pytest.approx([expected[step] for step in after], rel=1e-6)
     assert 0 < rates[chosen] == min(rates[step] for step in after) and cosine.get_last_lr()[0] == 0.0
+    assert all(rate > 0 for step, rate in rates.items() if step > 1)  # calibration's steps too (step 1: warm-up at 0)
     scheduler = torch.load(run.last_checkpoint() / "scheduler.pt", weights_only=False)
     assert scheduler["last_epoch"] == chosen and set(scheduler["_last_lr"]) == {0.0}  # every parameter group
 
