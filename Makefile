@@ -8,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train test test-fast bench clean colab demo demo-check export gguf
+.PHONY: setup smoke curate train lint test test-fast bench clean colab demo demo-check export gguf
 
 setup: $(VENV)/.installed
 
@@ -50,7 +50,11 @@ export: setup
 gguf: setup
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export --gguf f16 q8_0
 
-test: setup
+# The linter (ruff, pinned; settings in pyproject.toml) over the package, tests, benchmarks and scripts.
+lint: setup
+	$(VENV)/bin/ruff check helpers tests benchmarks scripts
+
+test: setup lint
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1200 -p no:cacheprovider
 

@@ -16,8 +16,8 @@ import time
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
-from helpers.tokens import KEPT, count_and_cut_batch
 from helpers.items import describe
+from helpers.tokens import KEPT, count_and_cut_batch
 
 
 def naive(contents: list[str], tokenizer) -> list[int]:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--batch-size", type=int, default=config.get_profile("full").batch_size)
     args = parser.parse_args()
-    records = [json.loads(line) for line in config.SAMPLE_PATH.read_text().splitlines()]
+    records = [json.loads(line) for line in config.SAMPLE_PATH.read_text(encoding="utf-8").splitlines()]
     contents = [describe(record)["content"] for record in records] * args.copies
     tokenizer = llama3_tokenizer_offline()
     tokenizer.encode("warm up")

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import psutil
+from hub_replica import write_replica
 
 from helpers import config
 from helpers.curate import curate
-
-from hub_replica import write_replica
 
 SAMPLE_SECONDS = 0.5
 

@@ -26,13 +26,12 @@ import argparse
 import time
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline, load_tokenizer, smollm2_checkpoint
-from helpers.curate import load_curated
-from helpers.evaluate import Evaluation, eval_items, evaluate
+from helpers.dataset import eval_items, load_curated
+from helpers.evaluate import Evaluation, evaluate
 from helpers.items import Item
 from helpers.predict import LARGEST_PRICE, MAX_NEW_TOKENS, TREE_BRANCHES, DistributionPredictor, GeneratePredictor
 

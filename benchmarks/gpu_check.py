@@ -16,7 +16,7 @@ would start too late is skipped and reported as such, so it ends inside 8 minute
    and 6.4 GB (3B) of disk. A card too small for the bf16 model builds it on the CPU. The report records each
    model's build and load seconds, measured.
 2. ``train_3b``, ``train_8b``: QLoRA through the course's loader and trainer (``models.load_base_model`` with
-   the profile's settings, lite's for 3B and full's for 8B, and ``finetune.make_trainer`` with ``sft_config``)
+   the profile's settings, lite's for 3B and full's for 8B, and ``finetune.make_trainer`` with ``recipe.sft_config``)
    at each per-device batch the plan could choose, the divisors of the effective batch 16: the one
    ``plan.fit_batch`` picks for this GPU first, then those it picks for the course's other cards, then the
    rest, while the part's time box lasts (one loaded model serves every row: its adapter is unloaded after
@@ -78,7 +78,7 @@ import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -87,9 +87,10 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTTrainer
 
-from helpers import assets, config, finetune, models, plan
+from helpers import assets, config, finetune, models, plan, recipe
 from helpers.budget import EvaluateAtTheEnd
-from helpers.curate import curate, load_curated
+from helpers.curate import curate
+from helpers.dataset import has_curated, load_curated
 from helpers.hardware import CARDS, Hardware
 from helpers.items import Item
 from helpers.predict import DistributionPredictor, GeneratePredictor, PriceDistributions
@@ -231,12 +232,12 @@ def train_row(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, traini
     checkpoint: speed, memory, the estimate and the recipe's checks. Returns them and the model, its adapter
     unloaded (a failed step is reported in the row)."""
     run = RunDir(work / f"run-{training.batch_size}x{training.gradient_accumulation_steps}")
-    args = finetune.sft_config(training, run, hardware)
+    args = recipe.sft_config(training, run, hardware)
     args.eval_strategy, args.eval_on_start, args.save_strategy = "no", False, "no"
     args.disable_tqdm, args.logging_nan_inf_filter = True, False  # a NaN loss must show
     books_per_step = training.batch_size * training.gradient_accumulation_steps
     trainer = finetune.make_trainer(model, tokenizer, cycle(items, training.max_steps * books_per_step), items[:1],
-                                    run, hardware, args, finetune.lora_config(training), report_to="none")
+                                    run, hardware, args, recipe.lora_config(training), report_to="none")
     trainer.remove_callback(EvaluateAtTheEnd)
     clock = StepClock(trainer.accelerator.scaler)
     trainer.add_callback(clock)
@@ -286,7 +287,7 @@ class GpuCheck:
             "note": ("Measured here on this GPU, models with random weights at the real shapes" if mode.gpu else
                      "No CUDA GPU here: a check that the script runs (1 layer, 128 wide, tiny prompts), whose "
                      "figures are not GPU figures"),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "finished": False,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"), "finished": False,
             "seconds": 0.0, "minutes_box": args.minutes or mode.minutes, "machine": machine(hardware),
             "settings": asdict(mode), "parts": {}, "throughputs": [], "cpu_mode_throughputs": [],
         }
@@ -298,8 +299,8 @@ class GpuCheck:
         self.report["seconds"] = round(time.perf_counter() - self.started, 1)
         text, table = json.dumps(self.report, indent=2), markdown(self.report)
         for report, markdown_file in self.files:
-            write_file_atomically(report, lambda path: path.write_text(text))
-            write_file_atomically(markdown_file, lambda path: path.write_text(table))
+            write_file_atomically(report, lambda path: path.write_text(text, encoding="utf-8"))
+            write_file_atomically(markdown_file, lambda path: path.write_text(table, encoding="utf-8"))
 
     def part(self, name: str, run: Callable[[dict], None]) -> None:
         """Run one part into its report entry (``run`` fills it as it goes); a failure is recorded, not raised."""
@@ -341,7 +342,7 @@ class GpuCheck:
     # --- the parts ------------------------------------------------------------------------
     def data(self, entry: dict) -> None:
         smoke = config.get_profile("smoke")
-        if not (smoke.curated_dir / "manifest.json").exists():
+        if not has_curated(smoke):
             curate(smoke)
         train, test = load_curated(smoke)  # real curated prompts, ~180 Llama 3.1 tokens each
         if self.mode.prompt_chars:
@@ -424,7 +425,7 @@ class GpuCheck:
         training = self.training("3b")
         shape = plan.model_shape(str(self.folder("3b")))
         split = plan.fit_batch(shape, training, CARDS["T4"][2])
-        args = finetune.sft_config(split, RunDir(self.work / "t4"), t4)
+        args = recipe.sft_config(split, RunDir(self.work / "t4"), t4)
         entry.update(hardware=str(t4), amp_flags=t4.amp_flags, compute_dtype=dtype_name(t4.compute_dtype),
                      quantization_compute_dtype=dtype_name(models.quantization_config(t4).bnb_4bit_compute_dtype),
                      sft_config_flags={"fp16": args.fp16, "bf16": args.bf16})
@@ -450,10 +451,10 @@ class GpuCheck:
     def after_train(self, entry: dict) -> None:
         training = replace(self.training("3b"), max_steps=self.mode.train_steps)  # the plan fits its batch
         profile = self.profile("3b", training=training, train_subset=self.mode.train_books)
-        the_plan = plan.make_plan(profile, self.hardware)
+        the_plan = plan.make_plan(profile, self.hardware, run=RunDir(self.work / "train-run"), resume=False)
         free_memory()
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
-        result = finetune.train(profile, self.hardware, the_plan, run=RunDir(self.work / "train-run"), resume=False)
+        result = finetune.train(profile, self.hardware, the_plan)
         free_memory()
         card = result.run_card
         entry.update(
@@ -558,7 +559,7 @@ def machine(hardware: Hardware) -> dict:
             versions[name] = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=config.REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+                                text=True, encoding="utf-8", timeout=10).stdout.strip() or None
     except OSError:
         commit = None
     return {"device": hardware.name, "kind": hardware.kind, "gpu_key": plan.gpu_key(hardware.name),

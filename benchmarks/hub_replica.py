@@ -131,7 +131,7 @@ def write_replica(rows: int, out: Path, shards: int | None = None) -> Path:
         table = replicate(base, index * per_shard, min(rows, (index + 1) * per_shard))
         pq.write_table(table, out / "data" / f"full-{index:05d}-of-{shards:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
     notice = NOTICE.format(sample=base.num_rows, rows=rows, every=EDITION_EVERY)
-    (out / "README.md").write_text(README.format(notice=notice))
+    (out / "README.md").write_text(README.format(notice=notice), encoding="utf-8")
     return out
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     started = time.perf_counter()
     out = write_replica(args.rows, args.out, args.shards)
     size = sum(path.stat().st_size for path in out.rglob("*.parquet"))
-    print((out / "README.md").read_text().splitlines()[-1])
+    print((out / "README.md").read_text(encoding="utf-8").splitlines()[-1])
     print(f"Wrote {out} ({size / 1e9:.2f} GB of parquet) in {time.perf_counter() - started:.1f} s")
 
 

@@ -15,13 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from helpers import config, finetune
+from helpers.curate import curate
+from helpers.dataset import eval_items, has_curated, load_curated
+from helpers.evaluate import evaluate
 from helpers.hardware import Hardware
 from helpers.models import load_finetuned
 from helpers.plan import make_plan
-from helpers.runs import RunDir
-from helpers.curate import curate, load_curated
-from helpers.evaluate import eval_items, evaluate
 from helpers.predict import llm_predictor
+from helpers.runs import RunDir
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("settings", nargs="+", help="learning_rate:max_steps, e.g. 2e-3:12")
     args = parser.parse_args()
     smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
+    if not has_curated(smoke):
         curate(smoke)
     items = eval_items(load_curated(smoke)[1], smoke)
     rows, hardware = [], Hardware.detect()
@@ -39,9 +40,9 @@ def main() -> None:
                            save_steps=int(steps), eval_steps=max(1, int(steps) // 2))
         profile = replace(smoke, training=training)
         with tempfile.TemporaryDirectory() as run_dir:
-            result = finetune.train(profile, hardware, make_plan(profile, hardware), RunDir(Path(run_dir)),
-                                    resume=False)
-            model, tokenizer = load_finetuned(profile, result.adapter_dir)
+            result = finetune.train(profile, hardware, make_plan(profile, hardware, run=RunDir(Path(run_dir)),
+                                                                 resume=False))
+            model, tokenizer = load_finetuned(profile, result.adapter_dir, hardware)
             evaluation = evaluate(setting, llm_predictor(model, tokenizer, profile), items, batched=True)
         card = result.run_card
         rows.append(f"| {rate} | {steps} | {card['eval_loss_before']:.2f} -> {card['eval_loss_after']:.2f} "

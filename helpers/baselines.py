@@ -1,6 +1,6 @@
 """Classical baselines: the scores an LLM has to beat before it is worth its GPU bill.
 
-Each ``fit_<name>(train, seed)`` returns a *batched predictor* (``list[Item] -> np.ndarray``)
+Each ``fit_<name>(train, seed)`` returns a :class:`helpers.pricing.Predictor` (``list[Item] -> np.ndarray``)
 for :func:`helpers.evaluate.evaluate` with ``batched=True``. Same data and seed, same
 predictions. Every price comes back clipped to the curated range
 [config.MIN_PRICE, config.MAX_PRICE].
@@ -28,18 +28,17 @@ from sklearn.pipeline import FeatureUnion, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from helpers import config
-from helpers.curate import load_curated, load_manifest
-from helpers.evaluate import chart_stem
+from helpers.charts import chart_stem
+from helpers.dataset import load_curated, load_manifest, split_file
 from helpers.features import MeanWordVectors, hand_features, item_texts
 from helpers.items import Item, prices
+from helpers.pricing import Predictor
 from helpers.storage import write_file_atomically
 
 BOW_MAX_FEATURES = 1_000  # the 1,000 most frequent words (stop words out)
 RIDGE_ALPHA = 1.0
 SVD_TEXT_MAX_FEATURES = 5_000  # TF-IDF vocabulary before the SVD squeeze
 SVD_COMPONENTS = 50  # "topics" the gradient-boosted trees see from the text
-
-Predictor = Callable[[list[Item]], np.ndarray]
 
 
 def clip_prices(predictions: object) -> np.ndarray:
@@ -153,7 +152,7 @@ def saved_path(name: str, profile: config.Profile) -> Path:
 
 def _data_key(profile: config.Profile) -> dict:
     """What a saved baseline was fitted on: the curated train split's hash and the subset size."""
-    return {"train_sha256": load_manifest(profile)["sha256"]["train.parquet"], "train_subset": profile.train_subset}
+    return {"train_sha256": load_manifest(profile)["sha256"][split_file("train")], "train_subset": profile.train_subset}
 
 
 def fit_and_save(name: str, profile: config.Profile, train: list[Item]) -> Predictor:

@@ -38,13 +38,24 @@ class Calibration:
     elapsed_seconds: float  # since train() started, at the decision
     chosen_steps: int
     capped: bool  # True when the planned steps fit the budget (the budget did not shorten the run)
+    done_steps: int = 0  # steps trained when the choice was made (a run chosen at this number ends there)
+
+    @property
+    def spent(self) -> bool:
+        """Loading and calibration alone used the budget up: the run ends after its calibration steps."""
+        return not self.capped and self.chosen_steps <= self.done_steps
 
     def line(self, books_per_step: int) -> str:
+        measured = (f"Calibrated on {self.calibration_steps} steps: {self.seconds_per_step:.2f} s a step, "
+                    f"{self.eval_seconds:.1f} s an evaluation, {self.save_seconds:.1f} s a checkpoint.")
+        if self.spent:
+            return (f"{measured} Loading and calibration alone took {self.elapsed_seconds:.0f} s of the "
+                    f"{self.budget_minutes:g} min budget: the run stops after those {self.done_steps:,} steps "
+                    f"({self.done_steps * books_per_step:,} books), with no evaluation after training. Give it a "
+                    "longer budget to train past calibration.")
         ending = ("the planned steps fit" if self.capped else "the budget stops the run there")
-        return (f"Calibrated on {self.calibration_steps} steps: {self.seconds_per_step:.2f} s a step, "
-                f"{self.eval_seconds:.1f} s an evaluation, {self.save_seconds:.1f} s a checkpoint. Training "
-                f"{self.chosen_steps:,} steps ({self.chosen_steps * books_per_step:,} books) to end inside "
-                f"{self.budget_minutes:g} min: {ending}.")
+        return (f"{measured} Training {self.chosen_steps:,} steps ({self.chosen_steps * books_per_step:,} books) "
+                f"to end inside {self.budget_minutes:g} min: {ending}.")
 
 
 def steps_within(budget_seconds: float, done: int, cap: int, step: float, evaluation: float, save: float,
@@ -129,7 +140,8 @@ class TimeBudget(TrainerCallback):
         chosen = steps_within(remaining, state.global_step, state.max_steps, measured["step"], measured["evaluation"],
                               measured["save"], args.eval_steps or math.inf, args.save_steps or math.inf)
         calibration = Calibration(self.minutes, len(self.steps), measured["step"], measured["evaluation"],
-                                  measured["save"], measured["elapsed"], chosen, chosen == state.max_steps)
+                                  measured["save"], measured["elapsed"], chosen, chosen == state.max_steps,
+                                  state.global_step)
         state.max_steps = chosen
         reshape_schedule(kwargs["lr_scheduler"], args, chosen)
         if chosen <= state.global_step:

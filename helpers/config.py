@@ -91,7 +91,7 @@ CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)  # interval levels of the calibration
 VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss
 MAX_VALIDATION_ITEMS = 200  # enough for a steady eval loss, cheap enough to compute often
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept on disk (the newest ones)
-CALIBRATION_STEPS = 4  # a time-budgeted run times this many optimizer steps (and a checkpoint) before choosing its length
+CALIBRATION_STEPS = 4  # a time-budgeted run times this many steps (and a checkpoint) before choosing its length
 
 # --- models ------------------------------------------------------------------------------
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B"
@@ -120,7 +120,9 @@ class Throughput:
     """Training tokens per second of HF + PEFT + bitsandbytes QLoRA for one model on one device."""
 
     tokens_per_second: float
-    kind: str  # "measured here" (a run card or the GPU check), "published" or "estimated"
+    # "measured here" (run cards of this machine), "measured" (the GPU check, or run cards of other machines),
+    # "published" (someone else's figure, named in the source) or "estimated" (scaled from one)
+    kind: str
     source: str
 
 
@@ -134,9 +136,9 @@ GPU_BANDWIDTH_GBS = {"T4": 320, "V100": 900, "L4": 300, "A10G": 600, "A100": 1_5
 # Parameters (billions) of the base models, from their published configs: the work per token.
 MODEL_BILLIONS = {LLAMA_HUB_ID: 8.03, LLAMA_3B_HUB_ID: 3.21, OPEN_HUB_ID: 1.71}
 # Published measurements (public notebooks and learners' logs, HF + PEFT + bitsandbytes), with their settings.
-# None of these ran this course's code; figures measured here (a run card on the same GPU kind and model, or
-# benchmarks/gpu_check.py's report) win over them. Unsloth's T4 figure (1.04 samples/s for Llama-3.1-8B,
-# batch 2 x 4, its own kernels) is another stack and is left out.
+# Only the CPU figure ran this course's code (on the authors' machine); figures measured by the course's own runs
+# (a run card on the same GPU kind and model, or benchmarks/gpu_check.py's report) win over them. Unsloth's T4
+# figure (1.04 samples/s for Llama-3.1-8B, batch 2 x 4, its own kernels) is another stack and is left out.
 THROUGHPUTS: dict[tuple[str, str], Throughput] = {
     ("A100", LLAMA_HUB_ID): Throughput(
         17.67 * 182, "published",
@@ -151,8 +153,9 @@ THROUGHPUTS: dict[tuple[str, str], Throughput] = {
         "a learner of the nearest course on a Colab T4: Llama-3.2-3B, batch 32, max 128 tokens, ~31 s per step "
         "(with the bf16 flag; 128 tokens is the cap, so this is an upper bound on tokens/s)"),
     ("cpu", "smollm2"): Throughput(
-        133.6, "measured here",
-        "run card of `make smoke`, 2-core CPU, SmolLM2-135M, batch 4 (README, smoke results)"),
+        133.6, "published",
+        "the course authors' `make smoke` run card, SmolLM2-135M, batch 4: a 2-core Intel Xeon cloud machine, "
+        "quiet (a busy machine trains several times slower)"),
 }
 # Books in full's balanced train split before it is curated: the upper end of 95-124k, estimated from
 # the sample's price distribution. Plans use the real count once the data is curated.
@@ -174,7 +177,7 @@ class TrainingConfig:
     max_steps: int = -1  # -1: train for `epochs`
     batch_size: int = 1
     gradient_accumulation_steps: int = 16
-    max_length: int | None = 200  # prompt (<= ~180 Llama 3.1 tokens) + answer; None: measured with the base model's tokenizer
+    max_length: int | None = 200  # prompt (<= ~180 Llama 3.1 tokens) + answer; None: measured with the tokenizer
     optimizer: str = "paged_adamw_32bit"
     save_steps: int = 500
     eval_steps: int = 500
@@ -281,12 +284,16 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+class UnknownProfile(ValueError):
+    """A profile name that is not one of PROFILES."""
+
+
 def get_profile(name: str | None = None, base_model: str | None = None, **overrides: object) -> Profile:
     """The profile called ``name`` (default: ``$BOOK_PRICER_PROFILE`` or ``smoke``), with another ``base_model``
     (a hub id or a local folder; default ``$BOOK_PRICER_BASE_MODEL``, else the profile's own) if given."""
     name = name or os.environ.get(PROFILE_ENV) or "smoke"
     if name not in PROFILES:
-        raise ValueError(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+        raise UnknownProfile(f"Unknown profile {name!r}: choose one of {sorted(PROFILES)} "
                          f"(set PROFILE in the notebook or ${PROFILE_ENV}).")
     base_model = base_model or os.environ.get(BASE_MODEL_ENV)
     if base_model:

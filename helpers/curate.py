@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerFast
 
 from helpers import assets, config
 from helpers.data import MALFORMED, Source, open_source, parse_price_column
+from helpers.dataset import SPLITS, manifest_path, split_file
 from helpers.items import Item, describe_book, prices
 from helpers.storage import sha256_of, write_file_atomically, write_folder_atomically
 from helpers.tokens import KEPT, count_and_cut_batch
@@ -290,7 +291,10 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
         "funnel": _funnel(records, len(unique), len(books), len(balanced), len(train), len(test)),
         "malformed_lines": [f"{Path(source.location).name}:{line}" for line in malformed[: config.LOGGED_BAD_LINES]],
     }
-    to_items = lambda frame: [Item.from_row(row) for row in read_items(parts, frame).to_dict("records")]
+
+    def to_items(frame: pd.DataFrame) -> list[Item]:
+        return [Item.from_row(row) for row in read_items(parts, frame).to_dict("records")]
+
     curation = Curation(to_items(train), to_items(test), records, manifest)
     manifest["seconds"] = {"shards": round(shards_done - started, 1),
                            "dedup, balance, split": round(time.perf_counter() - shards_done, 1)}
@@ -299,44 +303,16 @@ def curate(profile: config.Profile, tokenizer: PreTrainedTokenizerFast | None = 
 
 
 def save(curation: Curation, folder: Path) -> Path:
-    """Write train/test parquet files and ``manifest.json`` (with their SHA-256) as one folder swap."""
+    """Write train/test parquet files and the manifest (with their SHA-256) as one folder swap (read back by
+    :mod:`helpers.dataset`)."""
     def write(tmp: Path) -> None:
-        for name, items in (("train", curation.train), ("test", curation.test)):
+        for name, items in zip(SPLITS, (curation.train, curation.test)):
             pd.DataFrame([item.to_row() for item in items], columns=ITEM_COLUMNS).to_parquet(
-                tmp / f"{name}.parquet", index=False)
-        curation.manifest["sha256"] = {f"{name}.parquet": sha256_of(tmp / f"{name}.parquet")
-                                       for name in ("train", "test")}
-        (tmp / "manifest.json").write_text(json.dumps(curation.manifest, indent=2))
+                tmp / split_file(name), index=False)
+        curation.manifest["sha256"] = {split_file(name): sha256_of(tmp / split_file(name)) for name in SPLITS}
+        manifest_path(tmp).write_text(json.dumps(curation.manifest, indent=2), encoding="utf-8")
 
     return write_folder_atomically(folder, write)
-
-
-def load_manifest(profile: config.Profile) -> dict:
-    """The manifest of the saved curation of ``profile``, with the fix if there is none."""
-    path = profile.curated_dir / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"No curated data in {profile.curated_dir}: run notebook 01 or "
-                                f"`python -m helpers.curate --profile {profile.name}` first.")
-    return json.loads(path.read_text())
-
-
-def load_curated(profile: config.Profile) -> tuple[list[Item], list[Item]]:
-    """The saved (train, test) items of ``profile``, checked against their manifest.
-
-    A profile with ``train_subset`` (lite) gets a seeded subset of the train items, in their saved order.
-    """
-    manifest = load_manifest(profile)
-    splits = []
-    for name in ("train", "test"):
-        path = profile.curated_dir / f"{name}.parquet"
-        if sha256_of(path) != manifest["sha256"][path.name]:
-            raise ValueError(f"{path} does not match its manifest: curate again.")
-        splits.append([Item.from_row(row) for row in pd.read_parquet(path).to_dict("records")])
-    train, test = splits
-    if profile.train_subset is not None and profile.train_subset < len(train):
-        keep = set(random.Random(config.SEED).sample(range(len(train)), profile.train_subset))
-        train = [item for index, item in enumerate(train) if index in keep]
-    return train, test
 
 
 def plot_distributions(curation: Curation):

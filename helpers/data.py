@@ -197,7 +197,8 @@ def _read_jsonl(path: Path, columns: tuple[str, ...], batch_size: int) -> Iterat
                 continue
             record = _json_object(line)
             rows.append({MALFORMED: number} if record is None else
-                        {**{c: record.get(c) for c in columns}, "price": _price_text(record.get("price")), "line": number})
+                        {**{c: record.get(c) for c in columns}, "price": _price_text(record.get("price")),
+                         "line": number})
             if len(rows) == batch_size:
                 yield _jsonl_table(path, rows, columns)
                 rows = []

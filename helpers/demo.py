@@ -22,12 +22,15 @@ import gradio as gr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from helpers import assets, config  # noqa: E402
-from helpers.baselines import BASELINES, Predictor, load_fitted  # noqa: E402
-from helpers.curate import item_from_record, load_curated  # noqa: E402
-from helpers.evaluate import leaderboard  # noqa: E402
+from helpers.baselines import load_fitted  # noqa: E402
+from helpers.curate import item_from_record  # noqa: E402
+from helpers.dataset import load_curated  # noqa: E402
+from helpers.hardware import Hardware  # noqa: E402
 from helpers.items import FORMATS, Item, author_name, book_format, parse_details  # noqa: E402
+from helpers.leaderboard import leaderboard  # noqa: E402
 from helpers.models import finetuned_name, load_finetuned  # noqa: E402
 from helpers.predict import PriceDistributions, llm_predictor  # noqa: E402
+from helpers.pricing import Predictor  # noqa: E402
 from helpers.tokens import KEPT  # noqa: E402
 
 FALLBACK_BASELINE = "Gradient boosting (text + features)"  # when no baseline is on the leaderboard yet
@@ -82,7 +85,8 @@ class Book:
         return cls(
             title=str(record.get("title") or ""), author=author_name(record.get("author"), record.get("store")) or "",
             format=book_format(str(record.get("subtitle") or ""), details["flat"], str(record.get("store") or "")),
-            pages=details["pages"], blurb=" ".join([*(record.get("features") or []), *(record.get("description") or [])]),
+            pages=details["pages"],
+            blurb=" ".join([*(record.get("features") or []), *(record.get("description") or [])]),
             category=categories[0] if categories else "", publisher=details["publisher"] or "",
         )
 
@@ -125,10 +129,10 @@ class Quote:
 class Pricer:
     """The fine-tuned model and the best classical baseline of a profile, ready to price typed-in books."""
 
-    def __init__(self, profile: config.Profile, adapter: str | Path | None = None) -> None:
+    def __init__(self, profile: config.Profile, adapter: str | Path | None, hardware: Hardware) -> None:
         self.profile = profile
         self.tokenizer = assets.load_tokenizer(profile.tokenizer_source)  # curation's tokenizer: the same cut
-        model, tokenizer = load_finetuned(profile, adapter)
+        model, tokenizer = load_finetuned(profile, adapter, hardware)
         self.model_name = finetuned_name(model, profile, adapter)
         self.predictor = llm_predictor(model, tokenizer, profile)
         self.baseline_name = leaderboard(profile).reference() or FALLBACK_BASELINE
@@ -198,12 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
                         help=f"default: ${config.PROFILE_ENV} or smoke")
-    parser.add_argument("--adapter", default=None, help="a trained adapter's folder or hub id (default: the profile's run)")
+    parser.add_argument("--adapter", default=None,
+                        help="a trained adapter's folder or hub id (default: the profile's run)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
     parser.add_argument("--share", action="store_true", help="also open a public link through Gradio's servers")
     args = parser.parse_args(argv)
-    page = build(Pricer(config.get_profile(args.profile), args.adapter))
+    page = build(Pricer(config.get_profile(args.profile), args.adapter, Hardware.detect()))
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

@@ -57,7 +57,7 @@ class PackageCheck:
 
 def pinned_requirements() -> dict[str, str]:
     """``{package: version}`` for every ``name==version`` line of the requirements files."""
-    lines = [line.strip() for path in REQUIREMENT_FILES for line in path.read_text().splitlines()]
+    lines = [line.strip() for path in REQUIREMENT_FILES for line in path.read_text(encoding="utf-8").splitlines()]
     return {match.group(1): match.group(2) for match in map(_PIN.match, lines) if match}
 
 
@@ -134,7 +134,7 @@ def colab_setup(home: str = "") -> None:
     print(f"Installing the pinned requirements ({len(missing)} missing or at another version), a few minutes...")
     before, loaded = installed_versions(), loaded_distributions()
     install = subprocess.run(["make", "colab", f"PYTHON={sys.executable}"], cwd=config.REPO_ROOT,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, encoding="utf-8")
     if install.returncode:
         raise RuntimeError(f"`make colab` failed:\n{(install.stdout + install.stderr)[-INSTALL_TAIL_CHARS:]}\n"
                            "Fix the error above (a pin that needs a newer torch than Colab's: see the README's "

@@ -1,10 +1,10 @@
-"""The one harness every model in the course is judged by: metrics, charts, leaderboard.
+"""The one harness every model in the course is judged by: its metrics, checked answers and failures.
 
 A *predictor* prices books. Per item (``batched=False``) it is ``Item -> price``; batched
-(``batched=True``) it is ``list[Item] -> sequence of prices``. Whatever it returns is checked:
-an exception, ``None``, NaN/inf, a negative number or a non-number is a *failed prediction*,
-recorded with its reason, and never stops the evaluation. Two exceptions to that rule stop it, with
-their message and the fix: a *machine* failure (out of memory, a CUDA error), which says nothing
+(``batched=True``) it is a :class:`helpers.pricing.Predictor`, ``list[Item] -> sequence of prices``.
+Whatever it returns is checked: an exception, ``None``, NaN/inf, a negative number or a non-number is
+a *failed prediction*, recorded with its reason, and never stops the evaluation. Two exceptions to that
+rule stop it, with their message and the fix: a *machine* failure (out of memory, a CUDA error), which says nothing
 about the model's answers (:func:`is_machine_failure`); and a predictor that raised on *every*
 book, which priced nothing: that is a bug in the predictor (say, inputs on another device than the
 model), not a score to put on the leaderboard.
@@ -17,40 +17,31 @@ cannot raise its hit rate by refusing the hard books.
 A batched predictor may return a price *distribution* per book (any sequence of prices that also
 has ``reading``, the name of the point reading it holds, and ``interval(level) -> (low, high)``,
 like :class:`helpers.predict.PriceDistributions`): the harness then scores the coverage of its
-:data:`config.INTERVAL_LEVEL` interval and draws its calibration chart. The leaderboard compares
-every model with the best classical baseline (or a reference you name) by a paired bootstrap on the same books.
+:data:`config.INTERVAL_LEVEL` interval. The charts are in :mod:`helpers.charts`; the leaderboard, which
+compares the models by a paired bootstrap, in :mod:`helpers.leaderboard`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from helpers import config
-from helpers.config import Profile
 from helpers.items import Item, prices
-from helpers.storage import write_file_atomically
+from helpers.pricing import POINT, Predictor
 
 # --- how good is a guess -------------------------------------------------------------------
 FAILURES_IN_SUMMARY = 3
 METRIC_COLUMNS = ("n", "n_failed", "mae", "mae_ci_low", "mae_ci_high", "median_ae", "rmsle", "hit_rate", "coverage")
-POINT = "point"  # the reading of a predictor that answers one price per book
-OTHER_BOOKS = "other books"  # the leaderboard's mark for a row scored on another set of books than the latest
-
-ItemPredictor = Callable[[Item], object]
-BatchPredictor = Callable[[list[Item]], Sequence[object]]
+ItemPredictor = Callable[[Item], object]  # a predictor called per book (batched=False)
 
 
 def as_price(value: object) -> tuple[float | None, str | None]:
@@ -182,7 +173,7 @@ def bootstrap_ci(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[Item], *,
+def evaluate(name: str, predictor: ItemPredictor | Predictor, items: list[Item], *,
              batched: bool = False) -> Evaluation:
     """Price ``items`` with ``predictor`` and keep every answer, good or failed.
 
@@ -237,287 +228,3 @@ def evaluate(name: str, predictor: ItemPredictor | BatchPredictor, items: list[I
             predictions[index] = price
     return Evaluation(name=name, truths=prices(items), predictions=predictions, failures=failures,
                       reading=reading, intervals=intervals)
-
-
-# --- charts --------------------------------------------------------------------------------
-def save_figure(figure: Figure, path: Path | None) -> Figure:
-    """Write ``figure`` as a PNG to ``path`` (atomically; nothing when ``path`` is None); return it."""
-    if path is not None:
-        write_file_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    return figure
-
-
-def _metrics_title(evaluation: Evaluation) -> str:
-    m = evaluation.metrics
-    failed = f", {m['n_failed']} failed" if m["n_failed"] else ""
-    return (f"{evaluation.name}\nMAE ${m['mae']:.2f}, RMSLE {m['rmsle']:.2f}, "
-            f"hits {m['hit_rate']:.0%} (n={m['n']}{failed})")
-
-
-def plot_scatter(evaluation: Evaluation, path: Path | None = None) -> Figure:
-    """Truth against prediction on log-log axes, coloured by error, with the perfect y = x line."""
-    figure = Figure(figsize=(6, 6))
-    axes = figure.subplots()
-    ok = ~np.isnan(evaluation.predictions)
-    colors = np.array(evaluation.colors)
-    limits = (config.MIN_PRICE, config.MAX_PRICE + 1)
-    shown = np.clip(evaluation.predictions[ok], *limits)  # a $0 guess sits on the edge, not off the chart
-    axes.scatter(evaluation.truths[ok], shown, c=colors[ok], s=14, alpha=0.7)
-    axes.plot(limits, limits, color="grey", linewidth=1, linestyle="--", label="perfect guess")
-    axes.set(xscale="log", yscale="log", xlim=limits, ylim=limits, xlabel="true price ($)",
-             ylabel="predicted price ($)", title=_metrics_title(evaluation))
-    axes.legend(loc="upper left")
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def bucket_labels() -> list[str]:
-    """``["$0-10", "$10-20", ..., "$200+"]`` for :data:`config.PRICE_BUCKETS`."""
-    edges = config.PRICE_BUCKETS
-    return [f"${low}-{high}" if math.isfinite(high) else f"${low}+" for low, high in zip(edges, edges[1:])]
-
-
-def plot_error_by_bucket(evaluation: Evaluation, path: Path | None = None) -> Figure:
-    """Mean absolute error per true-price bucket (successful predictions), with item counts."""
-    ok = ~np.isnan(evaluation.predictions)
-    buckets = pd.cut(pd.Series(evaluation.truths[ok]), config.PRICE_BUCKETS, right=False, labels=bucket_labels())
-    stats = pd.Series(evaluation.errors[ok]).groupby(buckets, observed=False).agg(["mean", "count"])
-    figure = Figure(figsize=(7, 4))
-    axes = figure.subplots()
-    bars = axes.bar(stats.index.astype(str), stats["mean"].fillna(0), color="steelblue")
-    axes.bar_label(bars, labels=[f"n={count}" for count in stats["count"]], padding=2)
-    axes.set(xlabel="true price", ylabel="mean absolute error ($)", title=_metrics_title(evaluation))
-    axes.margins(y=0.15)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def plot_calibration(evaluation: Evaluation, path: Path | None = None) -> Figure:
-    """Observed against nominal coverage of the predictor's central intervals; on the diagonal is calibrated."""
-    if not evaluation.intervals:
-        raise ValueError(f"{evaluation.name!r} gave no intervals: only a price distribution has a calibration.")
-    table = evaluation.calibration()
-    figure = Figure(figsize=(5, 5))
-    axes = figure.subplots()
-    axes.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--", label="calibrated")
-    axes.plot(table["nominal"], table["observed"], marker="o", color="steelblue", label="observed")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="interval level (nominal coverage)",
-             ylabel="share of true prices inside (observed)", title=f"{evaluation.name}\n(n={len(evaluation.truths)})")
-    axes.legend(loc="upper left")
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def chart_stem(name: str) -> str:
-    """A file-name-safe form of a model name: ``"Bag of words + LR"`` -> ``"bag-of-words-lr"``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
-
-
-def save_charts(evaluation: Evaluation, profile: Profile) -> dict[str, Path]:
-    """Save the charts as PNGs under ``results/<profile>/charts`` (calibration when there are intervals);
-    return their paths by kind."""
-    folder = profile.results_dir / "charts"
-    stem = chart_stem(evaluation.name)
-    paths = {"scatter": folder / f"{stem}-scatter.png", "error_by_bucket": folder / f"{stem}-error-by-bucket.png"}
-    plot_scatter(evaluation, paths["scatter"])
-    plot_error_by_bucket(evaluation, paths["error_by_bucket"])
-    if evaluation.intervals:
-        paths["calibration"] = folder / f"{stem}-calibration.png"
-        plot_calibration(evaluation, paths["calibration"])
-    return paths
-
-
-# --- the leaderboard -----------------------------------------------------------------------
-class Leaderboard:
-    """Every model's metrics in one CSV, one row per model *key* (a re-run replaces its row), and every model's
-    per-book predictions on the latest set of books in a second CSV next to it (``<stem>-predictions.csv``, one
-    column per key) for paired comparisons.
-
-    A key says which model a row is (an adapter folder, a hub id); it defaults to the display name, so two
-    models of one name (two runs of the same rank, say) keep two rows only when recorded with their own keys.
-    Wherever a model is asked for, its key or its name (when only one row has it) will do.
-
-    The reference of the paired comparison is the best *classical baseline* on the latest books: the
-    lowest-MAE row recorded with ``train_items`` (notebook 02 records every baseline so), unless a
-    ``reference`` is named. Recording a different set of books starts the predictions afresh: the rows
-    scored on the old books keep their metrics, but ``latest_books`` is False and they are compared with
-    nothing until they are evaluated again.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.predictions_path = self.path.with_name(f"{self.path.stem}-predictions.csv")
-
-    def _rows(self) -> pd.DataFrame:
-        if not self.path.exists():
-            return pd.DataFrame(columns=["name", "key", *METRIC_COLUMNS, "reading"])
-        rows = pd.read_csv(self.path, dtype={"name": str, "key": str})
-        if "key" not in rows:  # written before rows had keys: each name was its own key
-            rows.insert(1, "key", rows["name"])
-        rows["key"] = rows["key"].fillna(rows["name"])
-        return rows
-
-    def predictions(self) -> pd.DataFrame:
-        """One row per book: ``truth``, then one column of predictions per model key (NaN where it failed)."""
-        return pd.read_csv(self.predictions_path) if self.predictions_path.exists() else pd.DataFrame()
-
-    def record(self, evaluation: Evaluation, key: str | os.PathLike | None = None, **extra: object) -> None:
-        """Write ``evaluation``'s metrics, reading (and ``extra`` columns) under ``key`` (default: its name),
-        replacing any row of the same key, and its per-book predictions (a different set of books starts the
-        predictions file afresh)."""
-        key = evaluation.name if key is None else str(key)
-        if key == "truth":
-            raise ValueError("'truth' is the predictions file's column of true prices: record this model under "
-                             "another key (record(evaluation, key=...)).")
-        new = pd.DataFrame([{"name": evaluation.name, "key": key, **evaluation.metrics, "reading": evaluation.reading,
-                             **extra}])
-        kept = self._rows()
-        kept = kept[kept["key"] != key]
-        rows = pd.concat([kept, new], ignore_index=True) if len(kept) else new
-        books = self.predictions()
-        if "truth" not in books or not np.array_equal(books["truth"].to_numpy(), evaluation.truths):
-            books = pd.DataFrame({"truth": evaluation.truths})
-        books[key] = evaluation.predictions
-        write_file_atomically(self.predictions_path, lambda tmp: books.to_csv(tmp, index=False))
-        write_file_atomically(self.path, lambda tmp: rows.to_csv(tmp, index=False))
-
-    def _key(self, rows: pd.DataFrame, model: str) -> str | None:
-        """The key of ``model``, given as a key or as a name only one row has; None when no row matches."""
-        if (rows["key"] == model).any():
-            return model
-        keys = rows.loc[rows["name"] == model, "key"].tolist()
-        if len(keys) > 1:
-            raise ValueError(f"{len(keys)} rows of {self.path} are named {model!r}: name one by its key "
-                             f"({', '.join(sorted(keys))}).")
-        return keys[0] if keys else None
-
-    def reference(self) -> str | None:
-        """The key of the best classical baseline on the latest books (lowest MAE among rows with
-        ``train_items``), or None."""
-        rows = self._rows()
-        if "train_items" not in rows:
-            return None
-        baselines = rows[rows["train_items"].notna() & rows["key"].isin(self.predictions().columns)]
-        baselines = baselines.dropna(subset=["mae"]).sort_values("mae", kind="stable")
-        return None if baselines.empty else str(baselines["key"].iloc[0])
-
-    @staticmethod
-    def _paired(books: pd.DataFrame, key: str, reference: str) -> tuple[float, float, float]:
-        if key not in books or reference not in books:
-            return math.nan, math.nan, math.nan
-        truths = books["truth"].to_numpy()
-        difference = (np.abs(books[key].to_numpy() - truths) - np.abs(books[reference].to_numpy() - truths))
-        difference = difference[~np.isnan(difference)]
-        if not len(difference):
-            return math.nan, math.nan, math.nan
-        return (float(difference.mean()), *bootstrap_ci(difference))
-
-    def paired(self, name: str, reference: str) -> tuple[float, float, float]:
-        """MAE of ``name`` minus MAE of ``reference`` (keys, or names) on the books both priced, and its
-        paired-bootstrap CI (negative: ``name`` errs less); NaNs when either has no predictions on these books."""
-        rows = self._rows()
-        key, reference = self._key(rows, name), self._key(rows, reference)
-        if key is None or reference is None:
-            return math.nan, math.nan, math.nan
-        return self._paired(self.predictions(), key, reference)
-
-    def table(self, reference: str | None = None) -> pd.DataFrame:
-        """All rows, best (lowest) MAE first, with each row's paired MAE difference against ``reference`` (a key
-        or a name; default :meth:`reference`): ``vs_reference`` (its key), ``diff``, ``diff_ci_low``,
-        ``diff_ci_high``; and ``latest_books``, False for a row scored on other books than the latest."""
-        rows = self._rows().sort_values("mae", kind="stable").reset_index(drop=True)
-        rows = rows.reindex(columns=list(dict.fromkeys(["name", "key", *METRIC_COLUMNS, "reading", *rows.columns])))
-        rows["reading"] = rows["reading"].fillna(POINT)
-        versus = self.reference() if reference is None else self._key(rows, reference)
-        if reference is not None and versus is None:
-            raise ValueError(f"No model named or keyed {reference!r} in {self.path} to compare with: record it "
-                             f"first, or pick one of {', '.join(rows['key'])}.")
-        books = self.predictions()
-        rows["latest_books"] = rows["key"].isin(books.columns)
-        rows["vs_reference"] = versus
-        paired = [self._paired(books, key, versus) if versus else (math.nan,) * 3 for key in rows["key"]]
-        columns = ["diff", "diff_ci_low", "diff_ci_high"]
-        rows[columns] = pd.DataFrame(paired, index=rows.index, columns=columns, dtype=float)
-        return rows
-
-    @staticmethod
-    def labels(table: pd.DataFrame) -> pd.Series:
-        """Each row's display name, with its key added where names repeat: ``"QLoRA r=8 [runs/a/adapter]"``."""
-        repeated = table["name"].duplicated(keep=False)
-        return table["name"].where(~repeated, table["name"] + " [" + table["key"] + "]")
-
-    def markdown(self, reference: str | None = None) -> str:
-        """The table as Markdown, best first: MAE with its interval, the paired difference against ``reference``
-        (default: the best classical baseline), median error, RMSLE, hit rate, interval coverage, the reading,
-        failures; a note under it when some rows were scored on other books."""
-        table = self.table(reference)
-        labels = self.labels(table)
-        reference = table["vs_reference"].iloc[0] if len(table) else None
-        versus = (f"vs {labels[table['key'] == reference].iloc[0]} ({config.CONFIDENCE:.0%} CI)" if reference
-                  else "vs best baseline")
-        lines = [f"| model | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | {versus} ($) | median AE ($) | RMSLE | "
-                 f"hit rate | {config.INTERVAL_LEVEL:.0%} interval coverage | reading | failed |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, row in zip(labels, table.itertuples()):
-            paired = ("reference" if row.key == reference else OTHER_BOOKS if not row.latest_books else
-                      "-" if math.isnan(row.diff) else
-                      f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to {row.diff_ci_high:+.2f})")
-            coverage = "-" if math.isnan(row.coverage) else f"{row.coverage:.0%}"
-            lines.append(f"| {label} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | {paired} | "
-                         f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {coverage} | {row.reading} | "
-                         f"{row.n_failed} of {row.n} |")
-        if not table["latest_books"].all():
-            lines += ["", f"Rows marked *{OTHER_BOOKS}* were scored on another set of books than the latest: their "
-                          "MAE is not comparable with the others', and they are compared with nothing until "
-                          "evaluated again."]
-        return "\n".join(lines)
-
-    def plot(self, path: Path | None = None) -> Figure:
-        """Horizontal bars of MAE with their bootstrap intervals, best model on top."""
-        table = self.table().dropna(subset=["mae"])
-        if table.empty:
-            raise ValueError(f"No scored models in {self.path} yet: record an evaluation first.")
-        figure = Figure(figsize=(8, 0.5 * len(table) + 1.5))
-        axes = figure.subplots()
-        spread = [table["mae"] - table["mae_ci_low"], table["mae_ci_high"] - table["mae"]]
-        axes.barh(self.labels(table), table["mae"], xerr=spread, color="steelblue", capsize=3)
-        axes.invert_yaxis()
-        axes.set(xlabel=f"mean absolute error ($), with {config.CONFIDENCE:.0%} bootstrap interval",
-                 title=f"Leaderboard ({int(table['n'].max())} test books)")
-        figure.tight_layout()
-        return save_figure(figure, path)
-
-
-def leaderboard(profile: Profile) -> Leaderboard:
-    """The profile's leaderboard: ``results/<profile>/leaderboard.csv``."""
-    return Leaderboard(profile.results_dir / "leaderboard.csv")
-
-
-def eval_items(test: list[Item], profile: Profile) -> list[Item]:
-    """The fixed subset every model is scored on: the first ``profile.eval_size`` test items.
-
-    The test split is already shuffled with config.SEED, so the head is a fair sample.
-    """
-    if not test:
-        raise ValueError("The test split is empty: curate the data first (python -m helpers.curate).")
-    return test[: profile.eval_size]
-
-
-def main() -> None:
-    """Print a profile's leaderboard as Markdown: ``python -m helpers.evaluate [--profile P] [--reference M]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
-                        help=f"default: ${config.PROFILE_ENV} or smoke")
-    parser.add_argument("--reference", default=None,
-                        help="the model (key or name) every row is compared with; default: the best classical baseline")
-    arguments = parser.parse_args()
-    board = leaderboard(config.get_profile(arguments.profile))
-    if not board.path.exists():
-        raise SystemExit(f"No leaderboard at {board.path}: run the notebooks first (make smoke).")
-    print(board.markdown(arguments.reference))
-
-
-if __name__ == "__main__":
-    main()

@@ -23,17 +23,18 @@ a token with write access (``HF_TOKEN``, Colab's Secrets or ``hf auth login``), 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
 import torch
-from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub import HfApi, get_token
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import assets, config, models
+from helpers import assets, config, gguf_export, licensing, models
+from helpers.hardware import Hardware
+from helpers.runs import RunDir, card_in, write_card_in
 from helpers.storage import write_folder_atomically
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -41,15 +42,6 @@ GIB = 2**30
 MEMORY_MARGIN_GIB = 1.0  # Python, torch and the tokenizer, beside the weights
 ADAPTER_MESSAGE = "QLoRA adapter from the Book Pricer course"
 MERGED_MESSAGE = "Book Pricer fine-tune: the QLoRA adapter merged into the base model"
-LICENSES_DIR = config.REPO_ROOT / "licenses"
-# License texts shipped here, by license: {file name in the export: its text}. The course's own LICENSE is
-# the Apache-2.0 text. A Llama license not shipped here comes from the base model's hub repo (HUB_LICENSE_FILES).
-SHIPPED_LICENSES = {
-    "llama3.1": {"LICENSE.txt": LICENSES_DIR / "llama3_1_LICENSE.txt",
-                 "USE_POLICY.md": LICENSES_DIR / "llama3_1_USE_POLICY.md"},
-    "apache-2.0": {"LICENSE.txt": config.REPO_ROOT / "LICENSE"},
-}
-HUB_LICENSE_FILES = ("LICENSE.txt", "USE_POLICY.md")  # what each of Meta's Llama repos on the hub holds
 MODEL_CARD = """---
 license: {license}
 base_model: {base}
@@ -77,21 +69,6 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _license(profile: config.Profile) -> str:
-    """The base model's license as the hub tags it ("llama3.1", "apache-2.0"), "" if unknown here."""
-    return config.base_license(profile.base_model)
-
-
-def _llama_version(profile: config.Profile) -> str:
-    """The version of the base model's Llama license ("3.1", "3.2"); "" when it is not a Llama license."""
-    return _license(profile).removeprefix("llama") if _license(profile).startswith("llama") else ""
-
-
-def _base_id(profile: config.Profile) -> str:
-    """The base model's hub id (for smoke, the model its GGUF was converted from)."""
-    return config.SMOLLM2_HUB_ID if profile.base_model == "smollm2" else profile.base_model
-
-
 # --- merging -----------------------------------------------------------------------------
 def check_memory(profile: config.Profile, dtype: torch.dtype) -> None:
     """Stop before loading when this machine's available RAM cannot hold the base model in ``dtype``.
@@ -111,16 +88,17 @@ def check_memory(profile: config.Profile, dtype: torch.dtype) -> None:
             "model anywhere): `python -m helpers.export --adapter-only --push-to-hub REPO`.")
 
 
-def merged_model(profile: config.Profile, adapter: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+def merged_model(profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
+                 dtype: torch.dtype = torch.bfloat16,
                  device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model, NOT quantised, in ``dtype`` on ``device``, with the adapter merged in; and its tokenizer.
 
-    ``adapter``: as in :func:`helpers.models.load_finetuned`, whose checks name the fix. The CPU is the
-    default (a 16-bit Llama-3.1-8B is 16 GB, more than a T4 holds); there the RAM is checked first.
+    ``adapter`` and ``hardware``: as in :func:`helpers.models.load_finetuned`, whose checks name the fix. The CPU
+    is the default (a 16-bit Llama-3.1-8B is 16 GB, more than a T4 holds); there the RAM is checked first.
     """
     if device == "cpu":
         check_memory(profile, dtype)
-    model, tokenizer = models.load_finetuned(profile, adapter, quantized=False, dtype=dtype, device=device)
+    model, tokenizer = models.load_finetuned(profile, adapter, hardware, quantized=False, dtype=dtype, device=device)
     return model.merge_and_unload(progressbar=True), tokenizer
 
 
@@ -129,65 +107,54 @@ def default_output_dir(profile: config.Profile, source: str) -> Path:
     """``merged/`` beside a local adapter folder (a run's ``adapter/``); ``runs/<profile>/<owner>--<name>/merged``
     for a hub adapter."""
     folder = Path(source).expanduser()
-    return folder.parent / "merged" if folder.is_dir() else profile.runs_dir / source.replace("/", "--") / "merged"
+    run = RunDir(folder.parent) if folder.is_dir() else RunDir(profile.runs_dir / source.replace("/", "--"))
+    return run.merged
 
 
 def export_card(profile: config.Profile, source: str, dtype: torch.dtype) -> dict:
     """The run card beside a local adapter folder (if any), plus an ``export`` entry: what was merged, how, when."""
-    path = Path(source).expanduser().parent / "run_card.json"
-    card = json.loads(path.read_text()) if Path(source).expanduser().is_dir() and path.exists() else {}
+    folder = Path(source).expanduser()
+    card = card_in(folder.parent) if folder.is_dir() else {}
     return {**card, "export": {"adapter": source, "base_model": profile.base_model, "dtype": _name(dtype),
-                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}}
-
-
-def license_files(profile: config.Profile) -> dict[str, Path]:
-    """The license texts an export of the profile's base model carries, by file name (none for an unknown license)."""
-    if not _llama_version(profile) or _license(profile) in SHIPPED_LICENSES:
-        return SHIPPED_LICENSES.get(_license(profile), {})
-    return {name: Path(assets.from_hub(hf_hub_download, profile.base_model, filename=name))
-            for name in HUB_LICENSE_FILES}
-
-
-def notice(profile: config.Profile) -> str:
-    """The attribution an export carries in its NOTICE file (for Llama: the words its license prescribes)."""
-    if version := _llama_version(profile):
-        return (f"Llama {version} is licensed under the Llama {version} Community License, "
-                "Copyright © Meta Platforms, Inc. All Rights Reserved.")
-    if _license(profile) == "apache-2.0":
-        return (f"This model is a modified version of {_base_id(profile)}, licensed under the Apache License, "
-                "Version 2.0 (LICENSE.txt): a LoRA adapter fine-tuned in the Book Pricer course is merged into its "
-                "weights.")
-    return f"The license of the base model, {profile.base_model}, applies to this model."
+                               "date": datetime.now(UTC).isoformat(timespec="seconds")}}
 
 
 def model_card(profile: config.Profile, source: str, dtype: torch.dtype, files: list[str]) -> str:
     """The README.md of an export: what it is, the prompt it answers, its license ("Built with Llama" for Llama)."""
+    built_with = "**Built with Llama**\n\n" if licensing.llama_version(profile) else ""
     return MODEL_CARD.format(
-        license=_license(profile) or "other", base=_base_id(profile), name=models.model_label(profile),
-        built_with="**Built with Llama**\n\n" if _llama_version(profile) else "",
+        license=licensing.license_tag(profile) or "other", base=licensing.base_id(profile),
+        name=models.model_label(profile), built_with=built_with,
         adapter=source, dtype=_name(dtype), question=config.QUESTION, answer_prefix=config.ANSWER_PREFIX,
-        notice=notice(profile), files="".join(f", {name}" for name in files))
+        notice=licensing.notice(profile), files="".join(f", {name}" for name in files))
 
 
-def save_merged(profile: config.Profile, adapter: str | Path | None = None, output_dir: Path | None = None,
+def write_provenance(folder: Path, profile: config.Profile, source: str, dtype: torch.dtype, card: dict,
+                     licenses: dict[str, Path]) -> None:
+    """Write beside a merged model where it comes from and its terms: the run card, the license texts
+    (``licenses``: :func:`helpers.licensing.license_files`), NOTICE and a README model card."""
+    write_card_in(folder, card)
+    for name, text in licenses.items():
+        shutil.copyfile(text, folder / name)
+    (folder / licensing.NOTICE_FILE).write_text(licensing.notice(profile) + "\n", encoding="utf-8")
+    (folder / "README.md").write_text(model_card(profile, source, dtype, list(licenses)), encoding="utf-8")
+
+
+def save_merged(profile: config.Profile, adapter: str | Path | None, hardware: Hardware, output_dir: Path | None = None,
                 dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Path:
-    """Merge the adapter (:func:`merged_model`) and save the model atomically with its tokenizer, the run card
-    (:func:`export_card`), its license texts, NOTICE and a README model card; returns the folder
-    (default: :func:`default_output_dir`)."""
+    """Merge the adapter (:func:`merged_model`) and save the model atomically with its tokenizer and
+    :func:`write_provenance`'s files (the run card: :func:`export_card`); returns the folder (default:
+    :func:`default_output_dir`)."""
     source = models.adapter_source(profile, adapter)
-    model, tokenizer = merged_model(profile, adapter, dtype, device)
+    model, tokenizer = merged_model(profile, adapter, hardware, dtype, device)
     folder = Path(output_dir or default_output_dir(profile, source))
-    card, licenses = export_card(profile, source, dtype), license_files(profile)
+    card, licenses = export_card(profile, source, dtype), licensing.license_files(profile)
     print(f"Saving the merged model ({_name(dtype)}) to {folder} ...", flush=True)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "run_card.json").write_text(json.dumps(card, indent=2))
-        for name, text in licenses.items():
-            shutil.copyfile(text, tmp / name)
-        (tmp / "NOTICE").write_text(notice(profile) + "\n")
-        (tmp / "README.md").write_text(model_card(profile, source, dtype, list(licenses)))
+        write_provenance(tmp, profile, source, dtype, card, licenses)
 
     return write_folder_atomically(folder, save)
 
@@ -207,7 +174,7 @@ def check_push(profile: config.Profile, repo_id: str) -> None:
     fine-tune whose name does not begin with "Llama" (the Llama license asks for it)."""
     hub_write_token()
     name = repo_id.rsplit("/", 1)[-1]
-    if _llama_version(profile) and not name.lower().startswith("llama"):
+    if licensing.llama_version(profile) and not name.lower().startswith("llama"):
         raise ValueError(f"The Llama license asks that a model fine-tuned from Llama has a name beginning with "
                          f"\"Llama\": push to {repo_id.removesuffix(name)}Llama-{name} instead.")
 
@@ -263,13 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         models.adapter_config(source, profile, default=not args.adapter)  # no trained adapter names the fix
         print(f"Pushed the adapter: {push_to_hub(Path(source), args.push_to_hub, ADAPTER_MESSAGE)}")
         return
-    folder = save_merged(profile, args.adapter, args.output_dir, DTYPES[args.dtype])
+    folder = save_merged(profile, args.adapter, Hardware.detect(), args.output_dir, DTYPES[args.dtype])
     print(f"Saved the merged model to {folder}")
-    if args.gguf:
-        from helpers import gguf_export  # here: gguf_export itself builds on this module
-
-        for gguf_type in args.gguf:
-            print(f"Saved the {gguf_type} GGUF and its Modelfile to {gguf_export.convert(profile, folder, gguf_type)}")
+    for gguf_type in args.gguf:
+        print(f"Saved the {gguf_type} GGUF and its Modelfile to {gguf_export.convert(profile, folder, gguf_type)}")
     if args.push_to_hub:
         print(f"Pushed the merged model: {push_to_hub(folder, args.push_to_hub, MERGED_MESSAGE)}")
 

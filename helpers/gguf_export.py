@@ -1,5 +1,4 @@
-"""Run the model anywhere: the merged fine-tune as one GGUF file for llama.cpp and Ollama, and every saved
-form of the model scored by the same harness.
+"""Run the model anywhere: the merged fine-tune as one GGUF file for llama.cpp and Ollama.
 
     python -m helpers.export --gguf f16|q8_0 [--profile P] [--adapter A] [--output-dir D]
 
@@ -23,9 +22,7 @@ The file is written as llama.cpp's converter (``convert_hf_to_gguf.py``, ``Llama
 * the course's prompt as the chat template (the last message is the book), and the model's name,
   license and a description with the run card's key facts.
 
-:func:`score_saved_forms` scores the 4-bit model with its adapter, the merged 16-bit model and each GGUF
-form on the same test books, records each on the leaderboard, and compares each with the 4-bit model
-by a paired bootstrap.
+:mod:`helpers.saved_forms` scores each saved form by the course's harness.
 """
 
 from __future__ import annotations
@@ -39,21 +36,19 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import pandas as pd
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import config, evaluate, export, models, predict
+from helpers import config, licensing, models, predict
 from helpers.hardware import Hardware
-from helpers.curate import load_curated
-from helpers.items import Item
+from helpers.runs import RunDir, card_in
 from helpers.storage import write_folder_atomically
 
 GGUF_NAME = "model.gguf"
+MODELFILE_NAME = "Modelfile"
 GGUF_TYPES = {"f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
               "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
-GGUF_MESSAGE = "Book Pricer fine-tune as GGUF, for llama.cpp and Ollama"
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "Llama 3.x, SmolLM2"}
 SUPPORTED_ROPE = ("default", "llama3")
 LLAMA_CPP = "https://github.com/ggml-org/llama.cpp"
@@ -69,8 +64,6 @@ PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3.x
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
 }
-FORMS = ("4-bit + adapter", "merged 16-bit", *(f"GGUF {kind}" for kind in GGUF_TYPES))  # as scored, in order
-FORM_ORDER = {form: index for index, form in enumerate(FORMS)}
 NUM_PREDICT = predict.MAX_NEW_TOKENS + 2  # "999.00" digit by digit, then the end of text
 MODELFILE = '''# {name}: the Book Pricer fine-tune as a {kind} GGUF, for Ollama (https://ollama.com).
 #
@@ -196,8 +189,9 @@ def rope_factors(model_config: object) -> np.ndarray | None:
     wavelengths = 2 * math.pi / frequencies
     context, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
     smooth = (context / wavelengths - low) / (high - low)
+    blended = 1 / ((1 - smooth) / rope["factor"] + smooth)
     factors = np.where(wavelengths < context / high, 1.0,
-                       np.where(wavelengths > context / low, rope["factor"], 1 / ((1 - smooth) / rope["factor"] + smooth)))
+                       np.where(wavelengths > context / low, rope["factor"], blended))
     return factors.astype(np.float32)
 
 
@@ -315,8 +309,8 @@ def modelfile(name: str, gguf_type: str, stop: str, license_text: str) -> str:
 
 
 def default_gguf_dir(merged: Path, gguf_type: str) -> Path:
-    """``gguf-<type>/`` beside the merged model's folder."""
-    return Path(merged).parent / f"gguf-{gguf_type}"
+    """``gguf-<type>/`` beside the merged model's folder (:meth:`helpers.runs.RunDir.gguf`)."""
+    return RunDir(Path(merged).parent).gguf(gguf_type)
 
 
 def convert(profile: config.Profile, merged: Path, gguf_type: str, output_dir: Path | None = None) -> Path:
@@ -329,99 +323,25 @@ def convert(profile: config.Profile, merged: Path, gguf_type: str, output_dir: P
         raise ValueError(f"Unknown GGUF type {gguf_type!r}: choose one of {sorted(GGUF_TYPES)}.")
     model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto", device_map={"": "cpu"})
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    card = json.loads((merged / "run_card.json").read_text()) if (merged / "run_card.json").exists() else {}
-    licenses = [merged / file for file in (*export.HUB_LICENSE_FILES, "NOTICE") if (merged / file).exists()]
+    card, licenses, license_text = card_in(merged), licensing.carried(merged), licensing.license_text(merged)
     name = f"{models.model_label(profile)} Book Pricer"
-    license_text = "\n\n".join(path.read_text() for path in sorted(licenses, key=lambda path: path.name != "NOTICE")
-                               if path.name != "USE_POLICY.md")
 
     def save(folder: Path) -> None:
-        write_gguf(model, tokenizer, folder / GGUF_NAME, gguf_type, name, export._license(profile),
-                   export._base_id(profile), card)
-        (folder / "Modelfile").write_text(modelfile(name, gguf_type, tokenizer.eos_token, license_text))
+        write_gguf(model, tokenizer, folder / GGUF_NAME, gguf_type, name, licensing.license_tag(profile),
+                   licensing.base_id(profile), card)
+        text = modelfile(name, gguf_type, tokenizer.eos_token, license_text)
+        (folder / MODELFILE_NAME).write_text(text, encoding="utf-8")
         for path in licenses:
             shutil.copyfile(path, folder / path.name)
 
     return write_folder_atomically(Path(output_dir or default_gguf_dir(merged, gguf_type)), save)
 
 
-def load_gguf(folder: Path, dtype: torch.dtype = torch.float32,
-              device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_gguf(folder: Path, hardware: Hardware,
+              dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and tokenizer in ``folder/model.gguf`` as transformers' GGUF loader reads them, an independent
-    reader: weights dequantised to ``dtype``, on ``device`` (default: this machine's, :attr:`helpers.hardware.Hardware.device_map`)."""
+    reader: weights dequantised to ``dtype``, on ``hardware``'s device."""
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=dtype,
-                                                 device_map={"": device} if device else Hardware.detect().device_map)
+                                                 device_map=hardware.device_map)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-
-
-# --- every saved form on the leaderboard ---------------------------------------------------------
-def _megabytes(path: Path) -> float:
-    """The size of a file, or of every file in a folder, in MB."""
-    files = [path] if path.is_file() else [file for file in path.rglob("*") if file.is_file()]
-    return round(sum(file.stat().st_size for file in files) / 1e6, 1)
-
-
-def _score(board: evaluate.Leaderboard, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           profile: config.Profile, items: list[Item], form: str, path: Path) -> None:
-    """Evaluate one form by the harness and record it on ``board``, with its form, its size on disk and the
-    dtype it computed in."""
-    evaluation = evaluate.evaluate(name, predict.llm_predictor(model, tokenizer, profile), items, batched=True)
-    board.record(evaluation, form=form, size_mb=_megabytes(path), compute=str(model.dtype).removeprefix("torch."))
-
-
-def score_saved_forms(profile: config.Profile, adapter: str | Path | None = None, merged: Path | None = None,
-                      ggufs: dict[str, Path] | None = None, items: list[Item] | None = None,
-                      dtype: torch.dtype | None = None) -> pd.DataFrame:
-    """Score every saved form of the fine-tune by the same harness on the same books (default: the profile's
-    :func:`helpers.evaluate.eval_items`), each recorded on the leaderboard: the 4-bit model with its adapter
-    (the reference, named as notebook 05 names it), the merged 16-bit model (``merged``, else saved now), and
-    each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as transformers reads it.
-    The merged and GGUF forms compute in ``dtype``, by default float32 on a CPU (so that only their stored
-    weights differ: bf16 arithmetic alone moves a median by a dollar now and then) and bfloat16 on a GPU
-    (half the memory: an 8B model in float32 needs 32 GB). Returns :func:`saved_forms`: the rows, each
-    compared with the 4-bit model."""
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    items = items if items is not None else evaluate.eval_items(load_curated(profile)[1], profile)
-    board = evaluate.leaderboard(profile)
-    model, tokenizer = models.load_finetuned(profile, adapter)
-    reference = models.finetuned_name(model, profile, adapter)
-    _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(models.adapter_source(profile, adapter)))
-    del model
-    merged = Path(merged or export.save_merged(profile, adapter))
-    saved = json.loads((merged / "config.json").read_text())["dtype"]
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map=Hardware.detect().device_map)
-    _score(board, f"{reference}, merged {saved}", model, AutoTokenizer.from_pretrained(merged), profile, items,
-           FORMS[1], merged)
-    del model
-    for kind, folder in (ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES}).items():
-        model, tokenizer = load_gguf(folder, dtype)
-        _score(board, f"{reference}, GGUF {kind}", model, tokenizer, profile, items, f"GGUF {kind}",
-               Path(folder) / GGUF_NAME)
-        del model
-    return saved_forms(board, reference)
-
-
-def saved_forms(board: evaluate.Leaderboard, reference: str) -> pd.DataFrame:
-    """One fine-tune's saved forms as :func:`score_saved_forms` recorded them on ``board``: the 4-bit model
-    (named ``reference``) first, then each form named after it, with its metrics and ``diff`` (``diff_ci_low``,
-    ``diff_ci_high``): its MAE minus the 4-bit model's on the same books, by the leaderboard's paired bootstrap."""
-    rows = board.table()
-    rows = rows[(rows["name"] == reference) | rows["name"].str.startswith(f"{reference}, ")]
-    rows = rows.drop(columns=["vs_reference", "diff", "diff_ci_low", "diff_ci_high"], errors="ignore")
-    rows = rows.sort_values("form", key=lambda forms: forms.map(FORM_ORDER), kind="stable").reset_index(drop=True)
-    rows[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(name, reference) for name in rows["name"]]
-    return rows
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """:func:`saved_forms`'s table as Markdown: MAE with its interval, and the paired difference against the
-    4-bit model with its interval, in dollars."""
-    lines = [f"| model | form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
-             f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---|---|---|---|---|---|---|---|"]
-    for row in table.itertuples():
-        paired = "reference" if row.form == FORMS[0] else (f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to "
-                                                           f"{row.diff_ci_high:+.2f})")
-        lines.append(f"| {row.name} | {row.form} | {row.size_mb:,.1f} | {row.mae:.2f} | {row.mae_ci_low:.2f}-"
-                     f"{row.mae_ci_high:.2f} | {paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
-    return "\n".join(lines)

@@ -13,6 +13,7 @@ before the pinned packages are installed); torch is imported where it is needed.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,18 @@ CARDS = {
 }
 
 
+def this_machine() -> str:
+    """This computer: its host name, processor and cores ("colab-vm (Intel Xeon @ 2.20GHz, 2 cores)")."""
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            processor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                             processor)
+    except OSError:  # not Linux
+        pass
+    return f"{platform.node()} ({processor}, {os.cpu_count()} cores)"
+
+
 @dataclass(frozen=True)
 class Hardware:
     """One process's view of the machine: its device and the data-parallel group it belongs to."""
@@ -41,6 +54,7 @@ class Hardware:
     world_size: int = 1  # processes training together (one per GPU, or several on a CPU)
     rank: int = 0
     local_rank: int = 0
+    machine: str = ""  # the computer (host, processor, cores), as run cards record it; "" for a planned card
 
     # --- precision ------------------------------------------------------------------------
     @property
@@ -137,11 +151,12 @@ class Hardware:
             from accelerate import PartialState
 
             PartialState(cpu=found.kind == "cpu")  # the process group the Trainer uses too
-        return replace(found, world_size=world_size, rank=rank, local_rank=local_rank)
+        return replace(found, world_size=world_size, rank=rank, local_rank=local_rank, machine=this_machine())
 
     def __str__(self) -> str:
         processes = f", {self.world_size} processes" if self.distributed else ""
         if self.kind != "cuda":
             return f"{self.name}, {self.precision}{processes}"
         major, minor = self.capability
-        return f"{self.name}, compute capability {major}.{minor}, {self.memory_gib:.1f} GiB, {self.precision}{processes}"
+        return (f"{self.name}, compute capability {major}.{minor}, {self.memory_gib:.1f} GiB, "
+                f"{self.precision}{processes}")

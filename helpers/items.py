@@ -32,7 +32,8 @@ _SPACE_BEFORE_PUNCTUATION = re.compile(r" ([,.;:!?])")
 _NEWLINES = re.compile(r"\s*\n\s*")
 _REPEATED_PUNCTUATION = re.compile(r"([!?.,;:*=_~-])\1{2,}")
 _NOT_WORD = re.compile(r"[\W_]+")
-_AUTHOR_REPR = re.compile(r"""\{'avatar': (?:'[^'\\]*'|"[^"\\]*"|None), 'name': (?:'([^'\\]*)'|"([^"\\]*)"), 'about': """)
+_AUTHOR_REPR = re.compile(  # the author field as a printed Python dict: its name
+    r"""\{'avatar': (?:'[^'\\]*'|"[^"\\]*"|None), 'name': (?:'([^'\\]*)'|"([^"\\]*)"), 'about': """)
 _DIGIT = re.compile(r"\d")
 _ODD_BLANKS = ("\t", "\u00a0", "\u200b")
 _REPEATABLE = tuple(mark * 3 for mark in "!?.,;:*=_~-")  # what _REPEATED_PUNCTUATION needs

@@ -13,8 +13,13 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from helpers import assets, config
 from helpers.hardware import Hardware
@@ -44,17 +49,16 @@ def quantization_config(hardware: Hardware) -> BitsAndBytesConfig:
                               bnb_4bit_compute_dtype=hardware.compute_dtype)
 
 
-def load_base_model(profile: config.Profile, hardware: Hardware | None = None, quantized: bool = True,
+def load_base_model(profile: config.Profile, hardware: Hardware, quantized: bool = True,
                     quantization: BitsAndBytesConfig | None = None, dtype: torch.dtype | None = None,
                     device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The profile's base model (4-bit unless ``quantized=False``) and its tokenizer.
 
-    ``hardware`` (default: detected) sets the compute dtype and the device; ``quantization``: a
+    ``hardware`` (detected once by the caller) sets the compute dtype and the device; ``quantization``: a
     ``BitsAndBytesConfig`` of your own (default :func:`quantization_config`); ``dtype``: of the weights
     not stored in 4 bits; ``device``: "cpu" or "cuda:0" instead of the hardware's own. A gated hub
     model without an accepted license or token raises ``PermissionError`` naming the fix.
     """
-    hardware = hardware or Hardware.detect()
     tokenizer = base_tokenizer(profile)
     if quantized:
         quantization = quantization or quantization_config(hardware)
@@ -100,13 +104,13 @@ def finetuned_name(model: PeftModel, profile: config.Profile, adapter: str | Pat
     return f"Fine-tuned (QLoRA r={model.peft_config['default'].r}{source}), {model_label(profile)}"
 
 
-def load_finetuned(profile: config.Profile, adapter: str | Path | None = None, hardware: Hardware | None = None,
+def load_finetuned(profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
                    quantized: bool = True, dtype: torch.dtype | None = None,
                    device: str | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The base model (4-bit unless ``quantized=False``) with a trained LoRA adapter attached, ready for inference.
 
     ``adapter``: a folder holding ``adapter_config.json``, or the hub id of an adapter repo (say, the one a
-    workshop's teacher trained and shared); default: this profile's run (``runs/<profile>/qlora/adapter``).
+    workshop's teacher trained and shared); None: this profile's run (``runs/<profile>/qlora/adapter``).
     The adapter must have been trained on this profile's base model. ``hardware``, ``dtype`` and ``device``:
     as in :func:`load_base_model`.
     """

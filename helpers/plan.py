@@ -3,8 +3,9 @@
 Everything here works offline from a model's *shape* (its ``config.json`` numbers): the
 published shapes of Llama-3.1-8B and Llama-3.2-3B are built in, a local folder is read, and
 the smoke model's is read from its cached checkpoint. Times are estimates until a run measures
-its own steps (see ``time_budget_minutes``): a rate measured here, in a run card on the same GPU
-kind and model or in the GPU check's report, wins over any published or scaled figure.
+its own steps (see ``time_budget_minutes``): a rate the course's own runs measured (run cards on
+the same GPU kind and model, this machine's first, or the GPU check's report) wins over any
+published or scaled figure, and the plan says which it uses.
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ import json
 import math
 import random
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, BitsAndBytesConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from helpers import assets, config
-from helpers.curate import load_curated, load_manifest
+from helpers.dataset import load_curated, load_manifest
 from helpers.hardware import Hardware
 from helpers.items import Item
-from helpers.models import base_tokenizer, model_label
+from helpers.models import base_tokenizer, model_label, quantization_config
 from helpers.predict import digit_token_ids, number_token_ids
+from helpers.runs import TRAINER_STATE, RunDir, RunMismatch, differences, mismatch_message, run_cards
 
 # The published shapes (their config.json), so memory and time can be planned without the hub.
 LLAMA_3_1_8B_SHAPE = LlamaConfig(
@@ -62,7 +64,7 @@ def split_validation(train_items: list[Item]) -> tuple[list[Item], list[Item]]:
 
 
 def training_items(profile: config.Profile) -> tuple[list[Item], list[Item]]:
-    """(train, validation) items of ``profile``'s curated data."""
+    """(train, validation) items of ``profile``'s curated data (a plan carries them: ``TrainingPlan.train_items``)."""
     return split_validation(load_curated(profile)[0])
 
 
@@ -207,30 +209,45 @@ def gpu_key(name: str) -> str | None:
     return next((key for key in config.GPU_PEAK_TFLOPS if words and key == words[0].split("-")[0]), None)
 
 
-def measured_throughputs(home: Path | None = None) -> dict[tuple[str, str], config.Throughput]:
-    """Rates measured here: every run card under ``runs/`` and the GPU check's report, by (GPU kind, base model).
+def measured_throughputs(hardware: Hardware | None = None,
+                         home: Path | None = None) -> dict[tuple[str, str], config.Throughput]:
+    """Rates this course's own runs measured, by (GPU kind, base model): run cards under ``runs/`` and the GPU
+    check's report.
 
-    The newest file wins for a pair.
+    Run cards of ``hardware``'s machine win ("measured here"), then the GPU check ("measured", a quiet run on
+    that GPU kind), then run cards of other machines ("measured", naming them). Several cards give their
+    median, so one run slowed by a busy machine does not stand for it; the source names the runs.
     """
     home = home or config.HOME
-    found: dict[tuple[str, str], tuple[float, config.Throughput]] = {}
-    for card_path in (home / "runs").glob("*/*/run_card.json"):
-        card = json.loads(card_path.read_text())
-        key, rate = gpu_key(card.get("device") or ""), card.get("tokens_per_second")
-        if key and rate:
-            mtime = card_path.stat().st_mtime
-            measured = config.Throughput(rate, "measured here", f"run card {card_path.relative_to(home)}")
-            if found.get((key, card["base_model"]), (0.0,))[0] <= mtime:
-                found[key, card["base_model"]] = (mtime, measured)
+    here = hardware.machine if hardware else ""
+    cards: dict[tuple[str, str], list[tuple[dict, Path]]] = {}
+    for card_path in run_cards(home):
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        key = gpu_key(card.get("device") or "")
+        if key and card.get("tokens_per_second"):
+            cards.setdefault((key, card["base_model"]), []).append((card, card_path.relative_to(home)))
+    found: dict[tuple[str, str], config.Throughput] = {}
+    for pair, runs_of_pair in cards.items():  # other machines' first: this machine's replace them below
+        found[pair] = _median_of_cards(runs_of_pair, "measured")
     report = home / "results" / GPU_CHECK_REPORT
     if report.exists():
-        mtime = report.stat().st_mtime
-        for row in json.loads(report.read_text()).get("throughputs", []):
-            key = gpu_key(row["device"])
-            if key and found.get((key, row["base_model"]), (0.0,))[0] <= mtime:
-                found[key, row["base_model"]] = (mtime, config.Throughput(
-                    row["tokens_per_second"], "measured here", f"{row['source']} ({report.relative_to(home)})"))
-    return {pair: throughput for pair, (_, throughput) in found.items()}
+        for row in json.loads(report.read_text(encoding="utf-8")).get("throughputs", []):
+            if key := gpu_key(row["device"]):
+                found[key, row["base_model"]] = config.Throughput(
+                    row["tokens_per_second"], "measured", f"{row['source']} ({report.relative_to(home)})")
+    for pair, runs_of_pair in cards.items():
+        if here and (mine := [(card, path) for card, path in runs_of_pair if card.get("machine") == here]):
+            found[pair] = _median_of_cards(mine, "measured here")
+    return found
+
+
+def _median_of_cards(cards: list[tuple[dict, Path]], kind: str) -> config.Throughput:
+    rates = [card["tokens_per_second"] for card, _ in cards]
+    machines = sorted({card.get("machine") or "machine not recorded" for card, _ in cards})
+    runs_text = ", ".join(f"{path.parent} {card['tokens_per_second']:g}" for card, path in cards)
+    where = "this machine" if kind == "measured here" else "; ".join(machines)
+    return config.Throughput(statistics.median(rates), kind,
+                             f"median of {len(rates)} run card(s) on {where} (tokens/s: {runs_text})")
 
 
 def _resource_ratio(to: str, start: str) -> float:
@@ -261,9 +278,10 @@ def throughput(device_key: str | None, model: str,
         abs(math.log(config.GPU_PEAK_TFLOPS[pair[0]] / config.GPU_PEAK_TFLOPS[device_key])), pair[1] != model))
     anchor = table[gpu, anchor_model]
     scale = _resource_ratio(device_key, gpu) * config.MODEL_BILLIONS[anchor_model] / config.MODEL_BILLIONS[model]
+    parameters = ", and parameters" if anchor_model != model else ""
     return config.Throughput(anchor.tokens_per_second * scale, "estimated",
                              f"the {gpu} figure for {anchor_model.rsplit('/', 1)[-1]} ({anchor.kind}) x {scale:.2f} "
-                             f"(the smaller of the compute and bandwidth ratios{', and parameters' if anchor_model != model else ''})")
+                             f"(the smaller of the compute and bandwidth ratios{parameters})")
 
 
 def optimizer_steps(books: int, training: config.TrainingConfig, processes: int = 1) -> int:
@@ -296,6 +314,17 @@ class TrainingPlan:
     speed: config.Throughput | None
     budget_minutes: float
     data_sha256: str = ""
+    quantization: dict = field(default_factory=dict)  # the 4-bit settings, part of the run's key
+    # What a run folder makes of it (settle): the folder, the settings a continued run keeps (None: a new run),
+    # the newest complete checkpoint and its step, and what the folder held when the plan was made.
+    run: RunDir | None = None
+    recorded: dict | None = None
+    checkpoint: Path | None = None
+    done_steps: int = 0
+    seen: tuple = ()
+    # The books, read once: train() takes them from here.
+    train_items: tuple[Item, ...] = field(default=(), repr=False, compare=False)
+    validation_items: tuple[Item, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def effective_batch(self) -> int:
@@ -328,6 +357,16 @@ class TrainingPlan:
         return max(1, min(self.steps, int(self.time_budget * 60 / step_seconds)))
 
     @property
+    def max_steps(self) -> int:
+        """The steps the Trainer is told: the plan's, or what a continued run's time budget chose."""
+        return (self.recorded or {}).get("budgeted_steps", self.steps)
+
+    @property
+    def finished(self) -> bool:
+        """The run folder already holds this run's last step: training would do nothing."""
+        return self.checkpoint is not None and self.done_steps >= self.max_steps
+
+    @property
     def fits_budget(self) -> bool | None:
         if self.time_budget is not None:  # the budget stops the run: it always fits, maybe with fewer books
             return True
@@ -358,32 +397,87 @@ class TrainingPlan:
                         f"the figure above" if self.budgeted_steps else "")
             lines.append(f"  time budget {self.time_budget:g} min: the first steps are timed on this device, then "
                          f"the run stops inside the budget{expected} (an estimate until calibration)")
+        if self.run is not None:
+            lines.append(f"  run folder {self.run.path}: {self.run_line()}")
         if self.fits_budget is False:
             lines.append(f"WARNING: ~{self.minutes:,.0f} min exceeds this profile's budget of "
                          f"{self.budget_minutes:.0f} min: set a time budget (time_budget_minutes, TIME_BUDGET, "
                          "--time-budget), use a smaller profile (lite), fewer books or max_steps, or a faster GPU.")
         return lines
 
+    def run_line(self) -> str:
+        """What training will do in the run folder."""
+        if self.finished:
+            return (f"finished ({self.done_steps:,} of {self.max_steps:,} steps): train() trains nothing and "
+                    "returns its adapter")
+        if self.checkpoint is not None:
+            budget = " (the steps its time budget chose)" if "budgeted_steps" in self.recorded else ""
+            return (f"resumes from {self.checkpoint.name} (step {self.done_steps:,} of {self.max_steps:,}{budget}) "
+                    "with its recorded batch split")
+        if self.seen and self.seen != (None, None):
+            return "a new run: train() first deletes the earlier run's checkpoints, adapter and card"
+        return "a new run"
+
     def settings(self) -> dict:
         """What the run trains with, as ``run_config.json`` records it (see :mod:`helpers.runs`)."""
         return {"profile": self.profile, "base_model": self.base_model, "data_sha256": self.data_sha256,
                 "train_books": self.books, "processes": self.processes, "effective_batch": self.effective_batch,
                 "time_budget_minutes": self.time_budget, "planned_steps": self.steps,
-                "training": asdict(self.training)}
+                "training": asdict(self.training), "quantization": self.quantization}
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
 
+def describe_quantization(quantization: BitsAndBytesConfig) -> dict:
+    """The quantisation settings that change what a run trains, for its key."""
+    return {"quant_type": quantization.bnb_4bit_quant_type, "double_quant": quantization.bnb_4bit_use_double_quant,
+            "compute_dtype": str(quantization.bnb_4bit_compute_dtype).removeprefix("torch.")}
+
+
+def folder_state(run: RunDir, hardware: Hardware) -> tuple[dict | None, str | None]:
+    """What a run folder holds now, as the main process reads it: its recorded settings and newest checkpoint."""
+    checkpoint = run.last_checkpoint()
+    return hardware.agree((run.recorded(), checkpoint.name if checkpoint else None))
+
+
+def settle(the_plan: TrainingPlan, run: RunDir, hardware: Hardware, resume: bool = True) -> TrainingPlan:
+    """The plan as ``run`` will train it: a new run, or (``resume``) the run the folder holds, continued.
+
+    A continued run keeps its recorded batch split and steps (on another GPU too); one with other settings
+    stops here with :class:`helpers.runs.RunMismatch` naming them, before anything loads.
+    """
+    recorded, newest = seen = folder_state(run, hardware)
+    the_plan = replace(the_plan, run=run, seen=seen)
+    if not resume:
+        return the_plan
+    if recorded is None:
+        if newest is not None:
+            raise RunMismatch(mismatch_message(run, ["run_config.json: missing (a run from an older version of the "
+                                                     "course), so its settings cannot be checked"]))
+        return the_plan
+    if diffs := differences(recorded, the_plan.settings()):
+        raise RunMismatch(mismatch_message(run, diffs))
+    split = {name: recorded["training"][name] for name in ("batch_size", "gradient_accumulation_steps")}
+    checkpoint = run.checkpoints / newest if newest else None
+    done = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"] if checkpoint else 0
+    return replace(the_plan, training=replace(the_plan.training, **split), steps=recorded["planned_steps"],
+                   recorded=recorded, checkpoint=checkpoint, done_steps=done)
+
+
 def make_plan(profile: config.Profile, hardware: Hardware, books: int | None = None,
-              tokens_per_book: float | None = None) -> TrainingPlan:
-    """The plan for training ``profile`` on ``hardware``: its curated train books (or ``books``, a count, with
-    ``tokens_per_book``, to plan before curation), the batch split fitted to the device and the processes."""
-    sha, training = "", profile.training
+              tokens_per_book: float | None = None, *, run: RunDir | None = None,
+              resume: bool = True) -> TrainingPlan:
+    """The plan for training ``profile`` on ``hardware``: its curated train books, read once and carried (or
+    ``books``, a count, with ``tokens_per_book``, to plan before curation), the batch split fitted to the device
+    and the processes; with ``run``, settled against that run folder (:func:`settle`)."""
+    sha, training, train_items, validation_items = "", profile.training, [], []
     if books is None:
-        train_items, tokenizer = training_items(profile)[0], base_tokenizer(profile)
+        curated, manifest = load_curated(profile)[0], load_manifest(profile)
+        train_items, validation_items = split_validation(curated)
+        tokenizer = base_tokenizer(profile)
         check_price_tokens(tokenizer, profile.base_model)
-        books, sha = len(train_items), load_manifest(profile)["sha256"]
+        books, sha = len(train_items), manifest["sha256"]
         tokens_per_book = mean_tokens(tokenizer, train_items)
         if training.max_length is None:
             training = replace(training, max_length=measured_max_length(tokenizer, train_items))
@@ -393,13 +487,21 @@ def make_plan(profile: config.Profile, hardware: Hardware, books: int | None = N
     training = fit_batch(profile.base_model, training, hardware.memory_gib if hardware.kind == "cuda" else None,
                          hardware.world_size)
     memory = memory_estimate(profile.base_model, training) if hardware.kind == "cuda" else None
-    return TrainingPlan(
+    the_plan = TrainingPlan(
         profile=profile.name, base_model=profile.base_model, model=model_label(profile), device=hardware.name,
         processes=hardware.world_size, books=books, tokens_per_book=tokens_per_book, training=training,
         steps=optimizer_steps(books, training, hardware.world_size), memory=memory,
-        speed=throughput(gpu_key(hardware.name), profile.base_model, measured_throughputs()),
+        speed=throughput(gpu_key(hardware.name), profile.base_model, measured_throughputs(hardware)),
         budget_minutes=profile.budget_minutes, data_sha256=sha,
+        quantization=describe_quantization(quantization_config(hardware)),
+        train_items=tuple(train_items), validation_items=tuple(validation_items),
     )
+    if run is None:
+        return the_plan
+    if not train_items:
+        raise ValueError("A plan made from a count of books cannot train: make it from the curated data "
+                         "(books=None) to settle it against a run folder.")
+    return settle(the_plan, run, hardware, resume)
 
 
 def planned_books(profile: config.Profile) -> int:

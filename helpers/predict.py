@@ -15,8 +15,9 @@ Which path a tokenizer allows is read from how it writes every price 1..999 afte
 the median (the answer that minimises the expected absolute error, the default), the mean, the
 argmax, and central intervals. :class:`GeneratePredictor` (greedy generation, parsed as a number)
 works with any tokenizer; it is the benchmark's reference and the fallback for a tokenizer that fits
-neither path. Every predictor is a :class:`Predictor`, called as ``predictor(items)``; use it with
-``evaluate(name, predictor, items, batched=True)``.
+neither path. Every predictor is a :class:`helpers.pricing.Predictor`, called as ``predictor(items)``, with a
+``path`` ("single-token", "digit tree" or "greedy generation") and a ``reading`` (a distribution's "median",
+"mean" or "argmax", or "point"); use it with ``evaluate(name, predictor, items, batched=True)``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import config
-from helpers.evaluate import POINT
 from helpers.items import Item
+from helpers.pricing import POINT, Reading
 
 LARGEST_PRICE = 999  # every price in the course rounds to 1..999 dollars
 MAX_NEW_TOKENS = 6  # "999.00" digit by digit; a whole-number tokenizer needs 3 ("999", ".", "00")
@@ -122,7 +122,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
-Reading = Literal["median", "mean", "argmax"]
 _PRICES = np.arange(1, LARGEST_PRICE + 1, dtype=float)
 
 
@@ -194,21 +193,6 @@ class PriceDistributions(Sequence):
 
     def __iter__(self) -> Iterator[float]:  # the reading computed once, not once per book
         return iter(self.prices.tolist())
-
-
-class Predictor(Protocol):
-    """An LLM price predictor as the harness and notebooks 03 and 05 use it: ``predictor(items)`` answers one price
-    per book (a :class:`PriceDistributions` or :class:`GeneratedPrices`; both can ``.plot`` a book's answer)."""
-
-    @property
-    def path(self) -> str:
-        """How it reads a price: "single-token", "digit tree" or "greedy generation"."""
-
-    @property
-    def reading(self) -> str:
-        """The answer it gives: a distribution's "median", "mean" or "argmax", or "point" (one generated price)."""
-
-    def __call__(self, items: list[Item]) -> Sequence[float | None]: ...
 
 
 TREE_BRANCHES = 99  # the tokens after each prompt in the digit tree: 9 first digits d1, then 10 digits d2 after each
@@ -377,7 +361,7 @@ class GeneratePredictor:
 
 
 def llm_predictor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, profile: config.Profile,
-                  reading: Reading = "median") -> Predictor:
+                  reading: Reading = "median") -> DistributionPredictor | GeneratePredictor:
     """The price distribution (:class:`DistributionPredictor`) when the tokenizer allows it (single-token numbers
     or digits), read by ``reading``; greedy generation (:class:`GeneratePredictor`) for any other tokenizer."""
     if number_token_ids(tokenizer) is not None or digit_token_ids(tokenizer) is not None:

@@ -16,7 +16,6 @@ outside the run.
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -25,12 +24,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 from transformers.integrations import TensorBoardCallback
 
-from helpers.evaluate import save_figure
+from helpers.charts import save_figure
+from helpers.runs import RunDir
 
 TENSORBOARD = "tensorboard"
 WANDB = "wandb"
 TRACKERS = (TENSORBOARD, WANDB)
-LOG_FOLDER = "tensorboard"  # inside a run folder
 LOSS_TAGS = ("train/loss", "eval/loss")  # the Trainer's names for the training and eval loss
 CARD_FIELDS = ("model", "device", "train_items", "global_step", "final_train_loss", "eval_loss_before",
                "eval_loss_after", "tokens_per_second", "wall_seconds")
@@ -56,8 +55,8 @@ def trackers(report_to: str) -> list[str]:
 
 
 def log_dir(run_dir: Path) -> Path:
-    """Where a run's TensorBoard event files live."""
-    return Path(run_dir) / LOG_FOLDER
+    """Where a run's TensorBoard event files live (:attr:`helpers.runs.RunDir.tensorboard`)."""
+    return RunDir(Path(run_dir)).tensorboard
 
 
 def tensorboard_callback(run_dir: Path, resumed_step: int | None) -> TensorBoardCallback:
@@ -99,7 +98,7 @@ def compare_runs(runs: dict[str, Path]) -> pd.DataFrame:
     """The hyperparameters and results of several runs side by side, from their run cards (one column a run)."""
     columns = {}
     for label, run_dir in runs.items():
-        card = json.loads((Path(run_dir) / "run_card.json").read_text())
+        card = RunDir(Path(run_dir)).read_card()
         columns[label] = {**{name: card["hyperparameters"][name] for name in HYPERPARAMETERS},
                           **{name: card.get(name) for name in CARD_FIELDS}}
     return pd.DataFrame(columns)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from helpers import config
 from helpers.demo import Pricer, build, examples
+from helpers.hardware import Hardware
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -41,7 +42,7 @@ def main() -> None:
 
     profile = config.get_profile(args.profile)
     out = args.out or profile.results_dir / "demo.png"
-    pricer = Pricer(profile)
+    pricer = Pricer(profile, None, Hardware.detect())
     book = examples(profile)[0]
     page = build(pricer)
     page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)

@@ -36,8 +36,8 @@ def main() -> None:
               f"{row.training.gradient_accumulation_steps} | {row.steps:,} | {memory} | {row.minutes:,.0f} | {budget} "
               f"| {within} | {row.speed.kind}: {row.speed.tokens_per_second:,.0f} tokens/s |")
     print(f"\nBooks: smoke from its curated sample; lite its subset; full {config.FULL_TRAIN_ITEMS_ESTIMATE:,} "
-          f"(estimated) less validation. Tokens per book, on the curated sample's prompts: {tokens:.0f} with Llama 3.1's "
-          f"tokenizer, {digit_tokens:.0f} with SmolLM2's (lite-open). "
+          f"(estimated) less validation. Tokens per book, on the curated sample's prompts: {tokens:.0f} with "
+          f"Llama 3.1's tokenizer, {digit_tokens:.0f} with SmolLM2's (lite-open). "
           "Speed figures: config.THROUGHPUTS (published, with their sources) or scaled from them (estimated); "
           "a run card or the GPU check on the same GPU kind replaces them (measured here).")
 

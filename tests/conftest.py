@@ -9,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from peft import get_peft_model
 
-from helpers import config, finetune, models
+from helpers import config, models, recipe
 from helpers.curate import curate
 from helpers.data import parse_price
+from helpers.dataset import has_curated
+from helpers.hardware import Hardware
 from helpers.items import FORMATS, Item, describe
 
 _WORDS = ("dragon kingdom romance mystery detective murder garden cooking recipe history war "
@@ -88,8 +89,8 @@ def sample_items() -> list[Item]:
 
 def _save_smoke_adapter(profile: config.Profile, folder) -> None:
     torch.manual_seed(config.SEED)
-    base, tokenizer = models.load_base_model(profile, quantized=False)
-    settings = finetune.lora_config(profile.training)
+    base, tokenizer = models.load_base_model(profile, Hardware.card("cpu"), quantized=False)
+    settings = recipe.lora_config(profile.training)
     settings.init_lora_weights = False
     model = get_peft_model(base, settings)
     model.save_pretrained(folder)
@@ -109,7 +110,7 @@ def as_full_data(tmp_path_factory):
     folder that ``config.DATA_DIR`` points at for the module's tests."""
     data = tmp_path_factory.mktemp("data")
     smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
+    if not has_curated(smoke):
         curate(smoke)
     shutil.copytree(smoke.curated_dir, data / "curated" / "full")
     with pytest.MonkeyPatch.context() as patch:

@@ -10,12 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from training_runs import STARTUP_TIMEOUT_S, train_command
 from transformers.trainer_callback import TrainerState
 
 from helpers import budget, config, plan, runs
+from helpers.curate import curate
+from helpers.dataset import has_curated
 from helpers.hardware import Hardware
 from helpers.runs import RunDir
-from training_runs import STARTUP_TIMEOUT_S, train_command
 
 BUDGET_MINUTES = 2.0  # loading and calibration take ~40 s on a quiet 2-core CPU, ~60 s on a CI box 1.5x slower
 TOLERANCE = 0.15  # the run may overshoot its budget by this share: steps vary, the last eval and save are estimated
@@ -34,18 +36,48 @@ def test_steps_within_counts_each_evaluation_and_checkpoint_on_the_way():
     assert budget.steps_within(1, 4, 100, step=1, evaluation=2, save=1, eval_every=5, save_every=5) == 4  # spent
 
 
+def _card(home: Path, run: str, rate: float, machine: str | None) -> None:
+    card = RunDir(home / "runs" / "lite" / run).card
+    card.parent.mkdir(parents=True)
+    fields = {"device": "Tesla T4", "base_model": config.get_profile("lite").base_model, "tokens_per_second": rate}
+    card.write_text(json.dumps({**fields, **({"machine": machine} if machine else {})}), encoding="utf-8")
+
+
 def test_a_measured_rate_from_a_run_card_changes_the_plan(tmp_path, monkeypatch):
-    lite, t4 = config.get_profile("lite"), Hardware.card("T4")
+    lite = config.get_profile("lite")
+    t4 = replace(Hardware.card("T4"), machine="colab-a (Intel Xeon, 2 cores)")
     before = plan.make_plan(lite, t4, books=19_800, tokens_per_book=180)
     assert before.speed.kind == "published"
-    card = tmp_path / "runs" / "lite" / "qlora" / "run_card.json"
-    card.parent.mkdir(parents=True)
-    card.write_text(json.dumps({"device": "Tesla T4", "base_model": lite.base_model, "tokens_per_second": 400.0}))
+    _card(tmp_path, "qlora", 400.0, t4.machine)
     monkeypatch.setattr(config, "HOME", tmp_path)
     after = plan.make_plan(lite, t4, books=19_800, tokens_per_book=180)
     assert after.speed.kind == "measured here" and after.speed.tokens_per_second == 400.0
-    assert "runs/lite/qlora/run_card.json" in after.speed.source and after.minutes < before.minutes
+    assert "runs/lite/qlora 400" in after.speed.source and after.minutes < before.minutes
     assert after.budgeted_steps > before.budgeted_steps
+
+
+def test_measured_here_only_for_this_machines_runs_and_one_slow_run_does_not_stand_for_it(tmp_path):
+    here, there = "colab-a (Intel Xeon, 2 cores)", "laptop (AMD Ryzen, 8 cores)"
+    _card(tmp_path, "qlora", 400.0, here)
+    _card(tmp_path, "qlora-r4", 420.0, here)
+    _card(tmp_path, "qlora-busy", 90.0, here)  # a run on a loaded machine
+    _card(tmp_path, "elsewhere", 999.0, there)
+    pair = ("T4", config.get_profile("lite").base_model)
+    mine = plan.measured_throughputs(replace(Hardware.card("T4"), machine=here), home=tmp_path)[pair]
+    assert (mine.kind, mine.tokens_per_second) == ("measured here", 400.0)  # the median of this machine's three
+    assert "median of 3 run card(s) on this machine" in mine.source and "qlora-busy 90" in mine.source
+    other = plan.measured_throughputs(replace(Hardware.card("T4"), machine="another box"), home=tmp_path)[pair]
+    assert other.kind == "measured" and other.tokens_per_second == 410.0 and there in other.source
+    assert config.THROUGHPUTS["cpu", "smollm2"].kind == "published"  # the authors' figure is not this machine's
+
+
+def test_a_budget_spent_by_calibration_says_so_and_cards_no_after_loss():
+    spent = budget.Calibration(0.5, 4, 7.5, 3.0, 1.0, elapsed_seconds=45.0, chosen_steps=4, capped=False,
+                               done_steps=4)
+    assert spent.spent and "calibration alone took 45 s of the 0.5 min budget" in spent.line(4)
+    assert "Training 4 steps" not in spent.line(4) and "no evaluation after training" in spent.line(4)
+    room = replace(spent, chosen_steps=9, elapsed_seconds=20.0)
+    assert not room.spent and "Training 9 steps (36 books) to end inside 0.5 min" in room.line(4)
 
 
 def test_the_plan_of_a_budgeted_run_says_it_is_an_estimate_until_calibration():
@@ -59,9 +91,7 @@ def test_the_plan_of_a_budgeted_run_says_it_is_an_estimate_until_calibration():
 @pytest.fixture(scope="module")
 def budgeted_run(tmp_path_factory) -> tuple[RunDir, str, float]:
     smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
-        from helpers.curate import curate
-
+    if not has_curated(smoke):
         curate(smoke)
     run = RunDir(tmp_path_factory.mktemp("budget"))
     started = time.monotonic()

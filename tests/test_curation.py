@@ -1,16 +1,18 @@
 """Curation: price parsing, scrubbing, prompts, the token filter, the split, saving."""
 
 import json
+
 import pandas as pd
 import pytest
 from conftest import make_item
 
 from helpers import config
 from helpers.assets import llama3_tokenizer_offline
-from helpers.curate import balance, curate, load_curated, split
-from helpers.tokens import count_and_cut_batch
+from helpers.curate import balance, curate, split
 from helpers.data import open_source, parse_price
+from helpers.dataset import load_curated, load_manifest, split_file
 from helpers.items import author_name, book_format, describe, parse_details, scrub
+from helpers.tokens import count_and_cut_batch
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +178,19 @@ def test_curation_of_the_sample_counts_every_record(curated):
 def test_curated_data_round_trips_from_disk(curated):
     profile, curation = curated
     train, test = load_curated(profile)
-    as_frame = lambda items: pd.DataFrame([item.to_row() for item in items])
+
+    def as_frame(items: list) -> pd.DataFrame:
+        return pd.DataFrame([item.to_row() for item in items])
+
     pd.testing.assert_frame_equal(as_frame(test), as_frame(curation.test))  # NaN-aware
     assert len(train) == len(curation.train)
-    manifest = json.loads((profile.curated_dir / "manifest.json").read_text())
-    assert set(manifest["sha256"]) == {"train.parquet", "test.parquet"} and manifest["seed"] == config.SEED
+    manifest = load_manifest(profile)
+    assert set(manifest["sha256"]) == {split_file("train"), split_file("test")} and manifest["seed"] == config.SEED
 
 
 def test_a_tampered_file_is_refused(curated):
     profile, _ = curated
-    (profile.curated_dir / "test.parquet").write_bytes(b"half a file")
+    (profile.curated_dir / split_file("test")).write_bytes(b"half a file")
     with pytest.raises(ValueError, match="manifest"):
         load_curated(profile)
 

@@ -16,13 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import config
+from helpers import config, tokens
 from helpers import curate as curate_module
-from helpers import tokens
 from helpers.assets import llama3_tokenizer_offline
 from helpers.curate import BOOK, curate, dedup_editions
-from helpers.tokens import count_and_cut_batch
 from helpers.data import open_source
+from helpers.tokens import count_and_cut_batch
 
 REPLICA_ROWS = 3_000  # 2 files of 1,500 rows, row groups of 1,000: 4 parts
 TEST_SIZE = 100  # the full profile's sizes but a test set that 3,000 rows can fill
@@ -126,8 +125,11 @@ def test_two_editions_of_a_book_never_straddle_the_split(tokenizer, tmp_path, mo
     source = _write_jsonl(tmp_path / "editions.jsonl", lines + [json.dumps(r) for r in editions])
     monkeypatch.setattr(config, "DATA_DIR", tmp_path)
     curation = curate(config.get_profile("smoke", data_source=str(source)), tokenizer)
-    books = lambda items: {(i.title, next((line for line in i.text.splitlines() if line.startswith("Author:")), ""))
-                           for i in items}
+
+    def books(items: list) -> set:
+        return {(i.title, next((line for line in i.text.splitlines() if line.startswith("Author:")), ""))
+                for i in items}
+
     assert books(curation.train).isdisjoint(books(curation.test))
     asins = [i.asin for i in curation.train + curation.test]
     originals = {r["parent_asin"]: f"E{i:09d}" for i, r in enumerate(records)}
@@ -137,7 +139,8 @@ def test_two_editions_of_a_book_never_straddle_the_split(tokenizer, tmp_path, mo
 
 def test_a_malformed_line_is_skipped_counted_and_named(tokenizer, tmp_path, monkeypatch, caplog):
     lines = config.SAMPLE_PATH.read_text(encoding="utf-8").splitlines()
-    source = _write_jsonl(tmp_path / "cut.jsonl", lines[:2] + ['{"main_category": "Books", "title": "Trunc'] + lines[2:])
+    truncated = '{"main_category": "Books", "title": "Trunc'
+    source = _write_jsonl(tmp_path / "cut.jsonl", lines[:2] + [truncated] + lines[2:])
     monkeypatch.setattr(config, "DATA_DIR", tmp_path / "clean")
     clean = curate(config.get_profile("smoke"), tokenizer)
     monkeypatch.setattr(config, "DATA_DIR", tmp_path / "cut")
@@ -158,7 +161,8 @@ def test_an_empty_or_schemaless_jsonl_names_the_file_and_the_fix(tmp_path, conte
     path.write_text(content)
     with pytest.raises(ValueError, match=message) as error:
         open_source(str(path))
-    assert str(path) in str(error.value) and ("download it again" in str(error.value) or "data_source" in str(error.value))
+    said = str(error.value)
+    assert str(path) in said and ("download it again" in said or "data_source" in said)
 
 
 def test_a_column_that_changes_type_names_the_file_and_lines(tmp_path):

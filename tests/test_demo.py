@@ -15,8 +15,10 @@ from gradio_client import Client
 from httpx import HTTPError
 
 from helpers import assets, baselines, config, demo
+from helpers.curate import curate, item_from_record
+from helpers.dataset import has_curated, load_curated
+from helpers.hardware import Hardware
 from helpers.runs import RunDir
-from helpers.curate import curate, item_from_record, load_curated
 from helpers.tokens import KEPT
 
 
@@ -24,7 +26,7 @@ from helpers.tokens import KEPT
 def profile(tmp_path_factory):
     """The smoke profile with its runs and results under a fresh folder (the curated sample stays shared)."""
     profile = config.get_profile("smoke")
-    if not (profile.curated_dir / "manifest.json").exists():
+    if not has_curated(profile):
         curate(profile)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
@@ -35,7 +37,7 @@ def profile(tmp_path_factory):
 def pricer(profile, save_adapter) -> demo.Pricer:
     """The demo's models for the smoke profile's run (a trained-looking adapter)."""
     save_adapter(profile, RunDir.default(profile).adapter)
-    return demo.Pricer(profile)
+    return demo.Pricer(profile, None, Hardware.detect())
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ import subprocess
 from dataclasses import replace
 
 import pytest
+from training_runs import STARTUP_TIMEOUT_S, kill_after_first_checkpoint, train_command
 from transformers.trainer_callback import TrainerState
 
 from helpers import config, plan, runs, tracking
+from helpers.dataset import has_curated
 from helpers.hardware import Hardware
 from helpers.runs import RunDir
-from training_runs import STARTUP_TIMEOUT_S, kill_after_first_checkpoint, train_command
 
 PROCESSES = 2
 EPOCHS = 0.25
@@ -32,7 +33,7 @@ def _command(run_dir) -> list[str]:
 def two_processes(tmp_path_factory) -> tuple[RunDir, str]:
     """Killed after its first checkpoint, then resumed, both under 2 processes."""
     smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
+    if not has_curated(smoke):
         from helpers.curate import curate
 
         curate(smoke)

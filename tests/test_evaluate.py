@@ -13,20 +13,11 @@ from conftest import make_item
 from matplotlib.figure import Figure
 
 from helpers import config
+from helpers.charts import chart_stem, plot_calibration, plot_error_by_bucket, plot_scatter, save_charts
 from helpers.config import Profile, get_profile
-from helpers.evaluate import (
-    Evaluation,
-    Leaderboard,
-    chart_stem,
-    eval_items,
-    evaluate,
-    is_machine_failure,
-    leaderboard,
-    plot_calibration,
-    plot_error_by_bucket,
-    plot_scatter,
-    save_charts,
-)
+from helpers.dataset import eval_items
+from helpers.evaluate import Evaluation, evaluate, is_machine_failure
+from helpers.leaderboard import Leaderboard, leaderboard
 from helpers.predict import PriceDistributions
 
 
@@ -143,8 +134,9 @@ def test_machine_failures_stop_the_evaluation_with_the_fix(error: Exception, bat
     assert is_machine_failure(error) and not is_machine_failure(RuntimeError("model crashed"))
 
 
-DEVICE_MISMATCH = RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
-                               "cuda:0 and cpu! (when checking argument for argument index in method wrapper_CUDA__index_select)")
+DEVICE_MISMATCH = RuntimeError("Expected all tensors to be on the same device, but found at least two "
+                               "devices, cuda:0 and cpu! (when checking argument for argument index in method "
+                               "wrapper_CUDA__index_select)")
 
 
 def test_a_device_mismatch_is_a_bug_in_the_code_not_a_machine_failure() -> None:

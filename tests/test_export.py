@@ -3,7 +3,6 @@ saved with its tokenizer, run card and license; pushes fail early, naming the fi
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -15,9 +14,10 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import config, export, models
-from helpers.runs import RunDir
+from helpers import config, export, licensing, models
+from helpers.hardware import Hardware
 from helpers.predict import DistributionPredictor
+from helpers.runs import RunDir, card_in
 
 BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
 # Distances between two models' price distributions: the largest total variation over the books (the most
@@ -27,6 +27,7 @@ FLOAT32_TOLERANCE = 1e-4  # merged vs attached, both float32 (only the order of 
 # merged vs attached, both bf16 (W + BA rounded to bf16 once, vs Wx and BAx rounded apart): 0.064 (trained: 0.050),
 # as far as bf16 itself is from float32 (0.04-0.06); the 4-bit base is 0.23 from float32 with the trained adapter.
 BF16_TOLERANCE = 0.15
+CPU = Hardware.card("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def smoke(tmp_path_factory, save_adapter):
         patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
         profile = config.get_profile("smoke")
         save_adapter(profile, RunDir.default(profile).adapter)
-        RunDir.default(profile).card.write_text(json.dumps({"profile": "smoke", "global_step": 12}))
+        RunDir.default(profile).write_card({"profile": "smoke", "global_step": 12})
         yield profile
 
 
@@ -65,11 +66,11 @@ def no_token(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_the_merged_model_prices_books_as_the_attached_adapter_does(smoke, prompts):
-    attached, tokenizer = models.load_finetuned(smoke, quantized=False, dtype=torch.float32, device="cpu")
+    attached, tokenizer = models.load_finetuned(smoke, None, CPU, quantized=False, dtype=torch.float32, device="cpu")
     with_adapter = distribution(attached, tokenizer, prompts)
     with attached.disable_adapter():
         without = distribution(attached, tokenizer, prompts)
-    merged, _ = export.merged_model(smoke, dtype=torch.float32)
+    merged, _ = export.merged_model(smoke, None, CPU, dtype=torch.float32)
     assert not isinstance(merged, PeftModel) and merged.dtype == torch.float32
     assert not any(isinstance(module, LoraLayer) for module in merged.modules())
     difference = distance(distribution(merged, tokenizer, prompts), with_adapter)
@@ -80,47 +81,47 @@ def test_the_merged_model_prices_books_as_the_attached_adapter_does(smoke, promp
 
 @pytest.mark.slow
 def test_the_cli_saves_a_bf16_model_with_tokenizer_run_card_and_license(smoke, prompts, tmp_path):
-    folder = tmp_path / "merged"
+    folder = RunDir(tmp_path).merged
     export.main(["--profile", "smoke", "--output-dir", str(folder)])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.dtype == torch.bfloat16 and tokenizer.pad_token_id == model.config.pad_token_id
-    card = json.loads((folder / "run_card.json").read_text())
+    card = card_in(folder)
     assert card["global_step"] == 12 and card["export"]["dtype"] == "bfloat16"
     assert card["export"]["adapter"] == str(RunDir.default(smoke).adapter)
-    assert "Apache License" in (folder / "LICENSE.txt").read_text() and "Apache" in (folder / "NOTICE").read_text()
-    readme = (folder / "README.md").read_text()
+    assert "Apache License" in (folder / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Apache" in (folder / licensing.NOTICE_FILE).read_text(encoding="utf-8")
+    readme = (folder / "README.md").read_text(encoding="utf-8")
     assert "license: apache-2.0" in readme and config.QUESTION in readme and "Built with Llama" not in readme
 
-    attached, tokenizer = models.load_finetuned(smoke, quantized=False, dtype=torch.bfloat16, device="cpu")
+    attached, tokenizer = models.load_finetuned(smoke, None, CPU, quantized=False, dtype=torch.bfloat16, device="cpu")
     difference = distance(distribution(model, tokenizer, prompts), distribution(attached, tokenizer, prompts))
     print(f"bf16, merged vs attached: {difference:.3f}")
     assert difference < BF16_TOLERANCE
-    assert export.default_output_dir(smoke, models.adapter_source(smoke)) == (
-        RunDir.default(smoke).path / "merged")
+    assert export.default_output_dir(smoke, models.adapter_source(smoke)) == RunDir.default(smoke).merged
 
 
 def test_a_llama_export_carries_its_license_notice_and_name():
     full = config.get_profile("full")
-    files = export.license_files(full)
+    files = licensing.license_files(full)
     assert files == {"LICENSE.txt": config.REPO_ROOT / "licenses" / "llama3_1_LICENSE.txt",
                      "USE_POLICY.md": config.REPO_ROOT / "licenses" / "llama3_1_USE_POLICY.md"}
-    assert export.notice(full) in files["LICENSE.txt"].read_text()  # the attribution its license prescribes
+    assert licensing.notice(full) in files["LICENSE.txt"].read_text(encoding="utf-8")  # the attribution it prescribes
     card = export.model_card(full, "me/adapter", torch.bfloat16, list(files))
     assert "license: llama3.1" in card and "Built with Llama" in card and "# Llama-3.1-8B Book Pricer" in card
 
 
 def test_llama_3_2_takes_its_license_from_its_hub_repo(monkeypatch, tmp_path):
-    monkeypatch.setattr(export, "hf_hub_download", lambda repo, filename, **options: str(tmp_path / filename))
+    monkeypatch.setattr(licensing, "hf_hub_download", lambda repo, filename, **options: str(tmp_path / filename))
     lite = config.get_profile("lite")
-    assert export.license_files(lite) == {name: tmp_path / name for name in ("LICENSE.txt", "USE_POLICY.md")}
-    assert export.notice(lite).startswith("Llama 3.2 is licensed under the Llama 3.2 Community License")
+    assert licensing.license_files(lite) == {name: tmp_path / name for name in ("LICENSE.txt", "USE_POLICY.md")}
+    assert licensing.notice(lite).startswith("Llama 3.2 is licensed under the Llama 3.2 Community License")
 
 
 def test_too_little_ram_stops_before_loading_and_names_the_fix(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=11.5 * export.GIB))  # a free Colab
     with pytest.raises(MemoryError, match=r"about 16 GiB .* 11\.5 GiB available.*High-RAM.*--adapter-only"):
-        export.merged_model(config.get_profile("full"))
+        export.merged_model(config.get_profile("full"), None, CPU)
     export.check_memory(config.get_profile("lite"), torch.bfloat16)  # Llama-3.2-3B fits
 
 

@@ -12,14 +12,23 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from helpers import assets, config, evaluate, export, gguf_export, models
-from helpers.runs import RunDir
+from helpers import assets, config, evaluate, export, gguf_export, models, saved_forms
+from helpers.hardware import Hardware
+from helpers.leaderboard import Leaderboard
 from helpers.predict import DistributionPredictor
+from helpers.runs import RunDir
 
 BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
 # The largest total variation distance over the books between the price distributions of the merged model
@@ -29,6 +38,7 @@ BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes
 F16_TOLERANCE = 1e-3
 Q8_0_TOLERANCE = 0.1
 ADAPTER_EFFECT = 0.3
+CPU = Hardware.card("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +48,23 @@ def smoke(tmp_path_factory, save_adapter):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
         profile = config.get_profile("smoke")
-        run = RunDir.default(profile).path
         save_adapter(profile, RunDir.default(profile).adapter)
-        (run / "run_card.json").write_text(json.dumps({"profile": "smoke", "global_step": 12, "train_items": 48}))
+        RunDir.default(profile).write_card({"profile": "smoke", "global_step": 12, "train_items": 48})
         yield profile
 
 
 @pytest.fixture(scope="module")
 def exported(smoke, tmp_path_factory):
     """What `python -m helpers.export --gguf f16 q8_0` leaves: the merged folder and a GGUF folder per type."""
-    folder = tmp_path_factory.mktemp("export") / "merged"
-    export.main(["--profile", "smoke", "--output-dir", str(folder), "--gguf", "f16", "q8_0"])
-    return {"merged": folder, **{kind: folder.parent / f"gguf-{kind}" for kind in gguf_export.GGUF_TYPES}}
+    run = RunDir(tmp_path_factory.mktemp("export"))
+    export.main(["--profile", "smoke", "--output-dir", str(run.merged), "--gguf", "f16", "q8_0"])
+    return {"merged": run.merged, **{kind: run.gguf(kind) for kind in gguf_export.GGUF_TYPES}}
 
 
 @pytest.fixture(scope="module")
 def read_back(exported) -> dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]]:
     """Each GGUF as transformers' own GGUF loader reads it, in float32 on the CPU."""
-    return {kind: gguf_export.load_gguf(exported[kind], torch.float32, "cpu") for kind in gguf_export.GGUF_TYPES}
+    return {kind: gguf_export.load_gguf(exported[kind], CPU, torch.float32) for kind in gguf_export.GGUF_TYPES}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +105,8 @@ def test_the_cli_writes_f16_and_q8_0_gguf_as_llama_cpp_does(exported):
         assert "12 steps on 48 books" in meta["general.description"] and config.QUESTION in meta["general.description"]
         assert meta["general.base_model.0.name"] == config.SMOLLM2_HUB_ID
         assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.model"] == "gpt2"
-        assert len(meta["tokenizer.ggml.merges"]) == len(json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"])
+        merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+        assert len(meta["tokenizer.ggml.merges"]) == len(merges)
         assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
                 meta["tokenizer.ggml.padding_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id,
                                                              tokenizer.pad_token_id)
@@ -112,7 +122,7 @@ def test_the_gguf_reads_back_with_the_same_tokens_and_price_distributions(smoke,
     merged = AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
     expected = distribution(merged, tokenizer, prompts)
-    base, _ = models.load_base_model(smoke, quantized=False, dtype=torch.float32, device="cpu")
+    base, _ = models.load_base_model(smoke, CPU, quantized=False, dtype=torch.float32, device="cpu")
     effect = distance(expected, distribution(base, tokenizer, prompts))
     every_prompt = [item.test_prompt for item in sample_items]
     for kind, tolerance in (("f16", F16_TOLERANCE), ("q8_0", Q8_0_TOLERANCE)):
@@ -130,7 +140,7 @@ def test_the_gguf_reads_back_with_the_same_tokens_and_price_distributions(smoke,
 
 @pytest.mark.slow
 def test_the_modelfile_template_is_the_training_prompt(exported, sample_items):
-    text = (exported["q8_0"] / "Modelfile").read_text()
+    text = (exported["q8_0"] / gguf_export.MODELFILE_NAME).read_text(encoding="utf-8")
     instructions = re.findall(r"^([A-Z]+) ", text, re.M)
     assert instructions[:2] == ["FROM", "TEMPLATE"] and "FROM ./model.gguf\n" in text
     (template,) = re.findall(r'^TEMPLATE """(.*?)"""$', text, re.M | re.S)
@@ -170,15 +180,16 @@ def test_llama_3_rope_scaling_is_written_as_the_factors_transformers_applies():
                   num_key_value_heads=1, vocab_size=64, architectures=["MistralForCausalLM"]),
 ], ids=["qwen2", "mistral"])
 def test_another_architecture_stops_naming_what_is_supported_and_llama_cpp(settings, tmp_path):
-    AutoModelForCausalLM.from_config(settings).save_pretrained(tmp_path / "merged")
+    run = RunDir(tmp_path)
+    AutoModelForCausalLM.from_config(settings).save_pretrained(run.merged)
     with pytest.raises(ValueError, match=rf"holds a {settings.architectures[0]} model.*LlamaForCausalLM "
                                          r"\(Llama 3\.x, SmolLM2\) only.*llama\.cpp.*convert_hf_to_gguf\.py"):
-        gguf_export.convert(config.get_profile("smoke"), tmp_path / "merged", "q8_0")
-    assert not (tmp_path / "gguf-q8_0").exists()
+        gguf_export.convert(config.get_profile("smoke"), run.merged, "q8_0")
+    assert not run.gguf("q8_0").exists()
 
 
 def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_same_books(tmp_path):
-    board = evaluate.Leaderboard(tmp_path / "leaderboard.csv")
+    board = Leaderboard(tmp_path / "leaderboard.csv")
     truths = np.array([10.0, 20.0, 30.0, 40.0])
     reference = "Fine-tuned (QLoRA r=8), SmolLM2-135M-Instruct"
     for name, form, errors in [("Constant (train mean)", None, [9, 9, 9, 9]), (f"{reference}, GGUF q8_0", "GGUF q8_0",
@@ -186,11 +197,11 @@ def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_sa
                                (f"{reference}, merged bfloat16", "merged 16-bit", [1, 3, 2, 2])]:
         evaluation = evaluate.Evaluation(name, truths, truths + np.array(errors, dtype=float), failures=[])
         board.record(evaluation, **({"form": form, "size_mb": 1.0} if form else {"train_items": 60}))
-    table = gguf_export.saved_forms(board, reference)
+    table = saved_forms.saved_forms(board, reference)
     assert table["form"].tolist() == ["4-bit + adapter", "merged 16-bit", "GGUF q8_0"]  # the baseline left out
     assert table["diff"].tolist() == pytest.approx([0.0, -1.0, 1.0])
     assert (table["diff_ci_low"] <= table["diff"]).all() and (table["diff"] <= table["diff_ci_high"]).all()
-    lines = gguf_export.markdown(table).splitlines()
+    lines = saved_forms.markdown(table).splitlines()
     assert "| reference |" in lines[2] and "| -1.00 (" in lines[3] and lines[0].count("|") == lines[3].count("|")
 
 
@@ -198,7 +209,7 @@ def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_sa
 def llama_3(tmp_path_factory):
     """A merged folder shaped like a Llama 3.1 export: a random 1-layer Llama with Llama 3.1's rope scaling and
     untied output, saved with the offline Llama 3.1 tokenizer; and its q8_0 GGUF folder."""
-    folder = tmp_path_factory.mktemp("llama") / "merged"
+    folder = RunDir(tmp_path_factory.mktemp("llama")).merged
     settings = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=128_256, tie_word_embeddings=False,
                            architectures=["LlamaForCausalLM"], rope_parameters={

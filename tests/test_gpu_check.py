@@ -12,6 +12,7 @@ import pytest
 
 from helpers import config, plan
 from helpers.curate import curate
+from helpers.dataset import has_curated
 
 PARTS = ["data", "model_3b", "train_3b", "t4_path", "model_8b", "train_8b", "after_train", "predict"]
 
@@ -21,7 +22,7 @@ def cpu_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict, str]:
     """The script run once in its own process, its state folder a temporary one holding the smoke data."""
     home = tmp_path_factory.mktemp("home")
     smoke = config.get_profile("smoke")
-    if not (smoke.curated_dir / "manifest.json").exists():
+    if not has_curated(smoke):
         curate(smoke)
     shutil.copytree(smoke.curated_dir, home / "data" / "curated" / "smoke")
     out = home / "out"
@@ -101,8 +102,8 @@ def test_cpu_rates_never_reach_the_throughputs_that_plans_read(cpu_run, tmp_path
     assert "cpu mode: not a GPU figure" in table and "For config.THROUGHPUTS" not in table
     # the same rows in the GPU report's key are what a plan reads: the shape the script writes fits it
     (tmp_path / "results").mkdir()
-    gpu_rows = [{**row, "device": "NVIDIA H200", "kind": "measured here"} for row in rows]
+    gpu_rows = [{**row, "device": "NVIDIA H200", "kind": "measured"} for row in rows]
     (tmp_path / "results" / plan.GPU_CHECK_REPORT).write_text(json.dumps({"throughputs": gpu_rows}))
-    measured = plan.measured_throughputs(tmp_path)
+    measured = plan.measured_throughputs(home=tmp_path)
     assert measured["H200", config.LLAMA_HUB_ID].tokens_per_second == rows[1]["tokens_per_second"]
-    assert measured["H200", config.LLAMA_3B_HUB_ID].kind == "measured here"
+    assert measured["H200", config.LLAMA_3B_HUB_ID].kind == "measured"  # the GPU check's machine, not this one

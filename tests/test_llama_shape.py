@@ -13,8 +13,8 @@ import pytest
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import assets, config, finetune, models, plan
-from helpers.curate import load_curated
+from helpers import assets, config, finetune, models, plan, recipe
+from helpers.dataset import load_curated
 from helpers.hardware import Hardware
 from helpers.models import load_finetuned
 from helpers.predict import DistributionPredictor
@@ -62,8 +62,8 @@ def test_the_data_path_masks_the_prompt_and_pads_with_the_finetune_pad(full_prof
                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
     cpu, run = Hardware.card("cpu"), RunDir(tmp_path)
     training = plan.make_plan(full_profile, cpu).training
-    trainer = finetune.make_trainer(tiny, tokenizer, items, items[:1], run, cpu, finetune.sft_config(training, run, cpu),
-                                    finetune.lora_config(training))
+    trainer = finetune.make_trainer(tiny, tokenizer, items, items[:1], run, cpu, recipe.sft_config(training, run, cpu),
+                                    recipe.lora_config(training))
     for row, item in zip(trainer.train_dataset, items):
         labels = [label for label in row["labels"] if label != -100]
         assert tokenizer.decode(labels) == f"{item.dollars}.00<|end_of_text|>"
@@ -75,7 +75,7 @@ def test_the_data_path_masks_the_prompt_and_pads_with_the_finetune_pad(full_prof
 @pytest.mark.slow
 def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile, tmp_path):
     cpu = Hardware.card("cpu")
-    result = finetune.train(full_profile, cpu, plan.make_plan(full_profile, cpu), RunDir(tmp_path / "run"))
+    result = finetune.train(full_profile, cpu, plan.make_plan(full_profile, cpu, run=RunDir(tmp_path / "run")))
     card = result.run_card
     assert result.status == "trained" and card["global_step"] == 2
     settings = card["hyperparameters"]
@@ -87,7 +87,7 @@ def test_full_settings_train_through_train_and_predict_in_one_pass(full_profile,
         replace(plan.LLAMA_3_1_8B_SHAPE, num_hidden_layers=LAYERS), full_profile.training)
     assert card["eval_loss_before"] > 0 and card["tokens_per_second"] > 0
 
-    model, tokenizer = load_finetuned(full_profile, result.adapter_dir)
+    model, tokenizer = load_finetuned(full_profile, result.adapter_dir, cpu)
     books = load_curated(full_profile)[1][:4]
     predictions = DistributionPredictor(model, tokenizer, batch_size=2).predict(books)
     assert ((1 <= predictions.argmax) & (predictions.argmax <= 999)).all()

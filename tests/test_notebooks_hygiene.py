@@ -9,8 +9,10 @@ import pytest
 from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
-WORKSHOP = {"05": "load_finetuned(profile, ADAPTER or None)", "06": "Pricer(profile, ADAPTER or None)"}  # take an ADAPTER
-EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO", "TIME_BUDGET"], "05": ["ADAPTER"], "06": ["ADAPTER", "SHARE", "EXPORT_DIR"]}
+WORKSHOP = {"05": "load_finetuned(profile, ADAPTER or None, hardware)",  # take an ADAPTER
+            "06": "Pricer(profile, ADAPTER or None, hardware)"}
+EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO", "TIME_BUDGET"], "05": ["ADAPTER"],
+                    "06": ["ADAPTER", "SHARE", "EXPORT_DIR"]}
 
 
 def test_notebooks_are_numbered_in_order_from_00():

@@ -12,8 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from helpers import assets, config, export, finetune, plan
-from helpers.curate import load_curated
+from helpers import assets, config, export, finetune, licensing, plan
+from helpers.dataset import load_curated
 from helpers.hardware import Hardware
 from helpers.models import load_finetuned, save_random_model
 from helpers.predict import DistributionPredictor
@@ -50,8 +50,8 @@ def test_its_own_tokenizer_sets_max_length(open_profile):
 
 @pytest.mark.slow
 def test_the_open_profile_trains_through_train_and_prices_by_the_digit_tree(open_profile, tmp_path):
-    planned = plan.make_plan(open_profile, CPU)
-    result = finetune.train(open_profile, CPU, planned, RunDir(tmp_path / "run"))
+    planned = plan.make_plan(open_profile, CPU, run=RunDir(tmp_path / "run"))
+    result = finetune.train(open_profile, CPU, planned)
     assert result.status == "trained" and result.run_card["global_step"] == 2
     assert result.run_card["hyperparameters"]["max_length"] == planned.training.max_length
     model, tokenizer = load_finetuned(open_profile, result.adapter_dir, CPU)
@@ -64,8 +64,8 @@ def test_the_open_profile_trains_through_train_and_prices_by_the_digit_tree(open
 
 
 def test_its_export_carries_its_own_license_and_no_llama_naming_rule(open_profile, monkeypatch):
-    assert export.license_files(open_profile) == {"LICENSE.txt": config.REPO_ROOT / "LICENSE"}
-    assert "Apache License" in export.notice(open_profile)
+    assert licensing.license_files(open_profile) == {"LICENSE.txt": config.REPO_ROOT / "LICENSE"}
+    assert "Apache License" in licensing.notice(open_profile)
     monkeypatch.setattr(export, "hub_write_token", lambda: "a token")
     export.check_push(open_profile, "you/book-pricer")  # no "Llama" prefix needed
 

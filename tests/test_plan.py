@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import assets, config, plan
-from helpers.curate import curate, load_curated
+from helpers.curate import curate
+from helpers.dataset import has_curated, load_curated
 from helpers.hardware import Hardware
 
 
@@ -13,7 +14,7 @@ from helpers.hardware import Hardware
 def llama_tokens_per_item() -> float:
     """Mean Llama 3.1 tokens of a curated training example (the full and lite prompts are curated the same way)."""
     profile = config.get_profile("smoke")
-    if not (profile.curated_dir / "manifest.json").exists():
+    if not has_curated(profile):
         curate(profile)
     return plan.mean_tokens(assets.llama3_tokenizer_offline(), load_curated(profile)[0])
 
@@ -23,7 +24,8 @@ def test_the_batch_fills_the_gpu_and_keeps_the_effective_batch(card, batch):
     training, memory = config.get_profile("full").training, Hardware.card(card).memory_gib
     fitted = plan.fit_batch(config.LLAMA_HUB_ID, training, memory)
     assert fitted.batch_size == batch
-    assert fitted.batch_size * fitted.gradient_accumulation_steps == training.batch_size * training.gradient_accumulation_steps
+    effective = training.batch_size * training.gradient_accumulation_steps
+    assert fitted.batch_size * fitted.gradient_accumulation_steps == effective
     assert plan.memory_estimate(config.LLAMA_HUB_ID, fitted).total <= plan.MEMORY_HEADROOM * memory
 
 

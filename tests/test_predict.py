@@ -11,10 +11,21 @@ from tokenizers.models import WordLevel
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from helpers import assets, config
-from helpers.evaluate import evaluate, leaderboard, plot_error_by_bucket, plot_scatter, save_charts
+from helpers.charts import plot_error_by_bucket, plot_scatter, save_charts
+from helpers.evaluate import evaluate
 from helpers.items import Item
-from helpers.predict import (LARGEST_PRICE, DistributionPredictor, GeneratedPrices, GeneratePredictor,
-                             PriceDistributions, digit_token_ids, llm_predictor, number_token_ids, parse_price)
+from helpers.leaderboard import leaderboard
+from helpers.predict import (
+    LARGEST_PRICE,
+    DistributionPredictor,
+    GeneratedPrices,
+    GeneratePredictor,
+    PriceDistributions,
+    digit_token_ids,
+    llm_predictor,
+    number_token_ids,
+    parse_price,
+)
 
 
 @pytest.fixture(scope="module")

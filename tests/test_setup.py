@@ -19,7 +19,7 @@ UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Te
                "Name or service not known", "Network is unreachable", "ProxyError", "ConnectTimeout",
                "Read timed out", "Could not fetch URL")
 OLDEST = "{}.{}".format(*environment.MIN_PYTHON)
-TOO_OLD = "{}.{}".format(environment.MIN_PYTHON[0], environment.MIN_PYTHON[1] - 1)
+TOO_OLD = f"{environment.MIN_PYTHON[0]}.{environment.MIN_PYTHON[1] - 1}"
 
 
 def requirements(name: str) -> list[str]:
@@ -83,7 +83,8 @@ def test_make_colab_installs_every_pin_but_torch_and_holds_torch_where_it_is(tmp
     for name in ("Makefile", "requirements.txt", "requirements-smoke.txt"):
         (tmp_path / name).write_text((config.REPO_ROOT / name).read_text())
     python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "$@" >> pip-calls; else exec {sys.executable} "$@"; fi\n')
+    python.write_text(  # a stand-in python: records pip calls, runs anything else
+        f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "$@" >> pip-calls; else exec {sys.executable} "$@"; fi\n')
     python.chmod(0o755)
     subprocess.run(["make", "colab", f"PYTHON={python}"], cwd=tmp_path, check=True, capture_output=True)
     installed = (tmp_path / ".colab-requirements.txt").read_text().splitlines()

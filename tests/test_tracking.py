@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from dataclasses import replace
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from helpers import config, finetune, tracking
+from helpers import config, recipe, tracking
 from helpers.hardware import Hardware
 from helpers.runs import RunDir
 
@@ -18,7 +17,8 @@ from helpers.runs import RunDir
 def test_tensorboard_logs_by_default_and_is_added_by_the_trainer_not_report_to(tmp_path):
     profile = config.get_profile("smoke")
     assert tracking.trackers(profile.training.report_to) == ["tensorboard"]
-    assert finetune.sft_config(profile.training, RunDir(tmp_path), Hardware.card("cpu")).report_to == []  # "none": our own callback logs to the run folder
+    args = recipe.sft_config(profile.training, RunDir(tmp_path), Hardware.card("cpu"))
+    assert args.report_to == []  # "none": our own callback logs to the run folder
 
 
 def test_wandb_is_opt_in_and_named_in_the_fix_when_missing(tmp_path, monkeypatch):
@@ -28,10 +28,10 @@ def test_wandb_is_opt_in_and_named_in_the_fix_when_missing(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb"
                         else real_find_spec(name, *args))
     with pytest.raises(ImportError, match="pip install wandb.*wandb login"):
-        finetune.sft_config(wandb.training, RunDir(tmp_path), Hardware.card("cpu"))
+        recipe.sft_config(wandb.training, RunDir(tmp_path), Hardware.card("cpu"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
     assert tracking.trackers("tensorboard, wandb") == ["tensorboard", "wandb"]
-    settings = finetune.sft_config(wandb.training, RunDir(tmp_path / "qlora-r4"), Hardware.card("cpu"))
+    settings = recipe.sft_config(wandb.training, RunDir(tmp_path / "qlora-r4"), Hardware.card("cpu"))
     assert settings.report_to == ["wandb"] and settings.run_name == "qlora-r4"
 
 
@@ -70,8 +70,7 @@ def test_runs_are_compared_from_their_cards_and_curves(tmp_path):
         run_dir = tmp_path / f"qlora-r{rank}"
         _log(run_dir, range(1, 4), 0, 1.0 / rank)
         hyperparameters = {**vars(config.TrainingConfig(lora_r=rank, lora_alpha=2 * rank))}
-        run_dir.joinpath("run_card.json").write_text(json.dumps({"hyperparameters": hyperparameters,
-                                                                  "eval_loss_after": 1.0 / rank}))
+        RunDir(run_dir).write_card({"hyperparameters": hyperparameters, "eval_loss_after": 1.0 / rank})
         runs[f"r={rank}"] = run_dir
     table = tracking.compare_runs(runs)
     assert table.loc["lora_r"].tolist() == [4, 8] and table.loc["eval_loss_after"].tolist() == [0.25, 0.125]

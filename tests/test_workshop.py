@@ -7,9 +7,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import config, models
+from helpers.hardware import Hardware
 
 TINY_BASE = "tiny-org/Tiny-Llama"  # the base model id the tiny adapter records
 TOKENS = torch.tensor([[1, 5, 9, 14, 3]])
+CPU = Hardware.card("cpu")
 
 
 def tiny_base() -> LlamaForCausalLM:
@@ -42,7 +44,7 @@ def adapter(tmp_path):
 
 def test_an_adapter_folder_is_loaded_on_the_base_model(profile, adapter):
     folder, logits = adapter
-    model, tokenizer = models.load_finetuned(profile, str(folder))
+    model, tokenizer = models.load_finetuned(profile, str(folder), CPU)
     assert isinstance(model, PeftModel) and not model.training and tokenizer == "its tokenizer"
     with torch.inference_mode():
         assert torch.allclose(model(TOKENS).logits, logits, atol=1e-6)
@@ -52,20 +54,20 @@ def test_an_adapter_folder_is_loaded_on_the_base_model(profile, adapter):
 
 def test_no_run_yet_names_notebook_04_and_the_adapter_parameter(profile):
     with pytest.raises(FileNotFoundError, match="notebook 04.*ADAPTER"):
-        models.load_finetuned(profile)
+        models.load_finetuned(profile, None, CPU)
 
 
 def test_a_folder_without_an_adapter_names_the_fix(profile, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json.*set ADAPTER"):
-        models.load_finetuned(profile, tmp_path / "runs" / "elsewhere")
+        models.load_finetuned(profile, tmp_path / "runs" / "elsewhere", CPU)
 
 
 def test_an_adapter_for_another_base_model_names_the_profile_to_pick(profile, adapter):
     with pytest.raises(ValueError, match="trained on tiny-org/Tiny-Llama.*set PROFILE"):
-        models.load_finetuned(config.get_profile("smoke", base_model="meta-llama/Llama-3.2-3B"), str(adapter[0]))
+        models.load_finetuned(config.get_profile("smoke", base_model="meta-llama/Llama-3.2-3B"), str(adapter[0]), CPU)
 
 
 def test_an_unknown_hub_id_names_the_fix(profile, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: the same error, at once
     with pytest.raises(FileNotFoundError, match="neither a folder here nor a LoRA adapter on the Hugging Face hub"):
-        models.load_finetuned(profile, "nobody-here/no-such-adapter")
+        models.load_finetuned(profile, "nobody-here/no-such-adapter", CPU)

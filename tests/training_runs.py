@@ -23,7 +23,7 @@ def train_command(run_dir: Path, *extra: str, processes: int = 1) -> list[str]:
 
 
 def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
-    first_checkpoint = run_dir / "checkpoints" / f"checkpoint-{RESUME_SAVE_STEPS}" / runs.TRAINER_STATE
+    first_checkpoint = runs.RunDir(run_dir).checkpoints / f"checkpoint-{RESUME_SAVE_STEPS}" / runs.TRAINER_STATE
     first = subprocess.Popen(command, cwd=config.REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -32,4 +32,4 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
     os.killpg(first.pid, signal.SIGKILL)  # the launcher and every process it started
     first.wait()
     assert first_checkpoint.exists(), "the first run never wrote a checkpoint"
-    assert not (run_dir / "adapter").exists(), "the first run finished before it was killed"
+    assert not runs.RunDir(run_dir).adapter.exists(), "the first run finished before it was killed"
