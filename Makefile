@@ -20,10 +20,13 @@ $(VENV)/.installed: requirements.txt requirements-smoke.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-# Run every notebook in order; executed copies land in results/$(PROFILE)/notebooks.
+# Run every notebook in order; executed copies land in results/$(PROFILE)/notebooks. They are read afterwards, not
+# watched: no progress bars (tqdm's, the hub's, datasets', the Trainer's), which would be saved half-drawn.
+NO_PROGRESS_BARS := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 smoke: setup
-	BOOK_PRICER_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
+	$(NO_PROGRESS_BARS) BOOK_PRICER_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
 		--ExecutePreprocessor.timeout=3600 --output-dir results/$(PROFILE)/notebooks $(NOTEBOOKS)
+	$(PY) -m pytest -q tests/test_executed_notebooks.py -p no:cacheprovider  # read as a learner would: see its docstring
 
 curate: setup
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.curate

@@ -1,13 +1,19 @@
 """Classical baselines: the scores an LLM has to beat before it is worth its GPU bill.
 
-Each ``fit_<name>(train, seed)`` returns a :class:`helpers.pricing.Predictor` (``list[Item] -> np.ndarray``)
-for :func:`helpers.evaluate.evaluate` with ``batched=True``. Same data and seed, same
-predictions. Every price comes back clipped to the curated range
-[config.MIN_PRICE, config.MAX_PRICE].
+Each learned model has a *builder* that returns it unfitted (:func:`linear_model`, :func:`bag_of_words_model`,
+:func:`word2vec_model`, :func:`gradient_boosting_model`): the very objects notebook 02 builds in view, cell by
+cell (tests/test_baselines.py runs those cells and checks they equal these). ``fit_<name>(train, seed)`` fits one
+and returns a :class:`helpers.pricing.Predictor` (``list[Item] -> np.ndarray``) for
+:func:`helpers.evaluate.evaluate` with ``batched=True``. Same data and seed, same predictions. Every price
+comes back clipped to the curated range [config.MIN_PRICE, config.MAX_PRICE].
 
-The learned models fit ``log1p(price)`` and turn predictions back with ``expm1``: book
+The learned models fit ``log1p(price)`` and turn predictions back with ``expm1`` (:func:`log_price`): book
 prices are heavy-tailed, so on the raw scale a few $500 textbooks would dominate the squared
 error, while on the log scale an error means "off by a factor", which fits prices better.
+
+The two text models regress with *ridge* (least squares with a small L2 penalty), not plain least squares:
+with 1,000 word columns (or 100 Word2Vec dimensions) and a hundred smoke books there are more unknowns than
+equations, and OLS would fit the train set exactly and guess wildly elsewhere. On 400k books it barely differs.
 """
 
 from __future__ import annotations
@@ -78,10 +84,13 @@ class ModelPricer:
         return clip_prices(self.model.predict(items))
 
 
-def fit_log_price(estimator: RegressorMixin, train: list[Item]) -> ModelPricer:
-    """Fit ``estimator`` (items -> log1p(price)) on ``train``; predict in dollars."""
-    model = TransformedTargetRegressor(regressor=estimator, func=np.log1p, inverse_func=np.expm1,
-                                       check_inverse=False)
+def log_price(regressor: RegressorMixin) -> TransformedTargetRegressor:
+    """``regressor`` (items -> a number) set to learn log1p(price) and answer in dollars (expm1); unfitted."""
+    return TransformedTargetRegressor(regressor=regressor, func=np.log1p, inverse_func=np.expm1, check_inverse=False)
+
+
+def fit_model(model: RegressorMixin, train: list[Item]) -> ModelPricer:
+    """Fit ``model`` (items -> dollars, such as a builder's) on ``train``; it predicts clipped dollars."""
     return ModelPricer(model.fit(train, prices(train)))
 
 
@@ -96,33 +105,25 @@ def fit_constant(train: list[Item], seed: int = config.SEED) -> ConstantPricer:
     return ConstantPricer(float(prices(train).mean()))
 
 
-def fit_linear_features(train: list[Item], seed: int = config.SEED) -> ModelPricer:
-    """Ordinary least squares on the standardised hand features, for log1p(price)."""
-    return fit_log_price(make_pipeline(hand_features(), StandardScaler(), LinearRegression()), train)
+# --- the learned models, unfitted: notebook 02's cells build the same objects ----------------
+def linear_model(seed: int = config.SEED) -> TransformedTargetRegressor:
+    """Ordinary least squares on the standardised hand features, for log1p(price) (``seed`` unused)."""
+    return log_price(make_pipeline(hand_features(), StandardScaler(), LinearRegression()))
 
 
-def fit_bag_of_words(train: list[Item], seed: int = config.SEED) -> ModelPricer:
-    """Word counts (top :data:`BOW_MAX_FEATURES` words) -> ridge regression on log1p(price).
-
-    Ridge, not plain least squares: with 1,000 word columns and a hundred smoke books there
-    are more unknowns than equations, and OLS would fit the train set exactly and guess
-    wildly elsewhere. The small L2 penalty keeps it stable; on 400k books it barely differs.
-    """
-    vectoriser = CountVectorizer(max_features=BOW_MAX_FEATURES, stop_words="english")
-    return fit_log_price(make_pipeline(item_texts(), vectoriser, Ridge(alpha=RIDGE_ALPHA)), train)
+def bag_of_words_model(seed: int = config.SEED) -> TransformedTargetRegressor:
+    """Word counts (top :data:`BOW_MAX_FEATURES` words, stop words out) -> ridge on log1p(price) (``seed`` unused)."""
+    return log_price(make_pipeline(item_texts(), CountVectorizer(max_features=BOW_MAX_FEATURES, stop_words="english"),
+                                   Ridge(alpha=RIDGE_ALPHA)))
 
 
-def fit_word2vec(train: list[Item], seed: int = config.SEED) -> ModelPricer:
-    """Word2Vec trained on the train texts, mean vector per book -> ridge on log1p(price).
-
-    Ridge for the same reason as :func:`fit_bag_of_words` (100 dimensions, few smoke books).
-    """
-    return fit_log_price(make_pipeline(item_texts(), MeanWordVectors(seed=seed), Ridge(alpha=RIDGE_ALPHA)),
-                         train)
+def word2vec_model(seed: int = config.SEED) -> TransformedTargetRegressor:
+    """Word2Vec trained on the train texts, mean vector per book -> ridge on log1p(price)."""
+    return log_price(make_pipeline(item_texts(), MeanWordVectors(seed=seed), Ridge(alpha=RIDGE_ALPHA)))
 
 
-def fit_gradient_boosting(train: list[Item], seed: int = config.SEED) -> ModelPricer:
-    """Histogram gradient boosting on hand features + :data:`SVD_COMPONENTS` text "topics".
+def gradient_boosting_model(seed: int = config.SEED) -> TransformedTargetRegressor:
+    """Histogram gradient boosting on hand features + :data:`SVD_COMPONENTS` text "topics", for log1p(price).
 
     The text goes through TF-IDF then a truncated SVD (latent semantic analysis), so the
     trees get a few dense columns instead of thousands of sparse ones.
@@ -131,15 +132,35 @@ def fit_gradient_boosting(train: list[Item], seed: int = config.SEED) -> ModelPr
                          TfidfVectorizer(max_features=SVD_TEXT_MAX_FEATURES, stop_words="english", sublinear_tf=True),
                          TruncatedSVD(n_components=SVD_COMPONENTS, random_state=seed))
     features = FeatureUnion([("hand", hand_features()), ("text", text)])
-    return fit_log_price(make_pipeline(features, HistGradientBoostingRegressor(random_state=seed)), train)
+    return log_price(make_pipeline(features, HistGradientBoostingRegressor(random_state=seed)))
+
+
+def fit_linear_features(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """:func:`linear_model`, fitted on ``train``."""
+    return fit_model(linear_model(seed), train)
+
+
+def fit_bag_of_words(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """:func:`bag_of_words_model`, fitted on ``train``."""
+    return fit_model(bag_of_words_model(seed), train)
+
+
+def fit_word2vec(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """:func:`word2vec_model`, fitted on ``train``."""
+    return fit_model(word2vec_model(seed), train)
+
+
+def fit_gradient_boosting(train: list[Item], seed: int = config.SEED) -> ModelPricer:
+    """:func:`gradient_boosting_model`, fitted on ``train``."""
+    return fit_model(gradient_boosting_model(seed), train)
 
 
 BASELINES: dict[str, Callable[[list[Item], int], Predictor]] = {
     "Random": fit_random,
     "Constant (train mean)": fit_constant,
     "Linear regression (hand features)": fit_linear_features,
-    "Bag of words + linear regression": fit_bag_of_words,
-    "Word2Vec + linear regression": fit_word2vec,
+    "Bag of words + ridge regression": fit_bag_of_words,
+    "Word2Vec + ridge regression": fit_word2vec,
     "Gradient boosting (text + features)": fit_gradient_boosting,
 }
 
@@ -155,12 +176,17 @@ def _data_key(profile: config.Profile) -> dict:
     return {"train_sha256": load_manifest(profile)["sha256"][split_file("train")], "train_subset": profile.train_subset}
 
 
-def fit_and_save(name: str, profile: config.Profile, train: list[Item]) -> Predictor:
-    """Fit baseline ``name`` on ``profile``'s ``train`` items and save it (see :func:`saved_path`)."""
-    predictor = BASELINES[name](train)
+def save_fitted(name: str, profile: config.Profile, predictor: Predictor) -> Predictor:
+    """Save ``predictor``, baseline ``name`` fitted on ``profile``'s curated train split (see :func:`saved_path`),
+    for :func:`load_fitted`; returns it."""
     write_file_atomically(saved_path(name, profile), lambda tmp: joblib.dump(
         {"data": _data_key(profile), "predictor": predictor}, tmp))
     return predictor
+
+
+def fit_and_save(name: str, profile: config.Profile, train: list[Item]) -> Predictor:
+    """Fit baseline ``name`` on ``profile``'s ``train`` items and save it (see :func:`saved_path`)."""
+    return save_fitted(name, profile, BASELINES[name](train))
 
 
 def load_fitted(name: str, profile: config.Profile) -> Predictor:

@@ -86,6 +86,8 @@ CONFIDENCE = 0.95
 PRICE_BUCKETS = (0, 10, 20, 50, 100, 200, math.inf)  # dollars, for the error-by-bucket chart
 INTERVAL_LEVEL = 0.80  # the central price interval a distribution predictor reports, and whose coverage is scored
 CALIBRATION_LEVELS = (0.5, 0.8, 0.9, 0.95)  # interval levels of the calibration chart (nominal vs observed)
+TABLE_COLUMNS = 8  # the most columns a table shown to a learner has (the CSVs keep every column)
+LINE_WIDTH = 120  # the widest line a notebook prints (a check reads the executed notebooks for both)
 
 # --- fine-tuning runs --------------------------------------------------------------------
 VALIDATION_FRACTION = 0.1  # of the curated train items, held out for the eval loss
@@ -286,6 +288,12 @@ PROFILES: dict[str, Profile] = {
 
 class UnknownProfile(ValueError):
     """A profile name that is not one of PROFILES."""
+
+
+def progress_bars_off() -> bool:
+    """True when ``TQDM_DISABLE`` asks for no progress bars (``make smoke`` sets it: its notebooks are read
+    afterwards, not watched); tqdm reads the same variable, the Trainer's bar follows it in ``make_trainer``."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in {"", "0", "false"}
 
 
 def get_profile(name: str | None = None, base_model: str | None = None, **overrides: object) -> Profile:

@@ -24,7 +24,8 @@ import torch
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
-from transformers.trainer_callback import TrainerState
+from transformers.trainer_callback import ProgressCallback, TrainerState
+from transformers.utils.notebook import NotebookProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from helpers import config, tracking
@@ -93,6 +94,9 @@ def make_trainer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tra
         callbacks=[EvaluateAtTheEnd(), *(callbacks or []),
                    *([tracking.tensorboard_callback(run.path, resumed_step)] if logs else [])],
     )
+    if config.progress_bars_off():  # TQDM_DISABLE=1 turns the Trainer's bar off too; the loss chart follows training
+        for bar in (NotebookProgressCallback, ProgressCallback):
+            trainer.remove_callback(bar)
     keep_adapter_in_float32(trainer.model)
     keep_4bit_weights_differentiable(trainer.model)
     return trainer
@@ -268,9 +272,11 @@ def train(profile: config.Profile, hardware: Hardware, the_plan: TrainingPlan,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoint = the_plan.checkpoint
+    # Read before training: the Trainer's checkpoint rotation may delete this checkpoint as it saves newer ones.
+    tokens_before = (TrainerState.load_from_json(str(checkpoint / TRAINER_STATE)).num_input_tokens_seen
+                     if checkpoint else 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    tokens = trainer.state.num_input_tokens_seen - (
-        TrainerState.load_from_json(str(checkpoint / TRAINER_STATE)).num_input_tokens_seen if checkpoint else 0)
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
     replicas = hardware.gather(_replica_digest(trainer.model))
     if hardware.is_main:  # one writer
         write_folder_atomically(run.adapter, partial(_save_adapter, trainer.model, tokenizer))

@@ -241,19 +241,36 @@ def describe(record: dict[str, object]) -> dict[str, object]:
     return describe_book(record)[0]
 
 
+def prompt_parts(record: dict[str, object]) -> dict[str, object]:
+    """The parts of one raw record that its prompt and hand features are made of, before scrubbing: ``title``,
+    ``subtitle`` (the binding, edition and date line), ``store``, ``details`` (:func:`parse_details`),
+    ``categories`` (the path below "Books"), ``blurb`` (features, then description) and ``author``.
+
+    Curation (:func:`describe_book`) and the demo's form (``helpers.demo.Book.from_record``) both read a record
+    through this one function.
+    """
+    store = str(record.get("store") or "")
+    return {
+        "title": str(record.get("title") or ""),
+        "subtitle": str(record.get("subtitle") or ""),
+        "store": store,
+        "details": parse_details(record.get("details")),
+        "categories": [c for c in _as_list(record.get("categories")) if c != "Books"],
+        "blurb": _as_list(record.get("features")) + _as_list(record.get("description")),
+        "author": author_name(record.get("author"), store),
+    }
+
+
 def describe_book(record: dict[str, object]) -> tuple[dict[str, object], str]:
     """:func:`describe` and the record's :func:`book_key` (both need the author: parsed once).
 
     The content puts the facts that drive a price (format, author, category, publisher,
     pages) first, so they survive the cut to MAX_TOKENS; the blurb comes last.
     """
-    title = scrub(str(record.get("title") or ""))
-    subtitle = scrub(str(record.get("subtitle") or ""))
-    store = str(record.get("store") or "")
-    details = parse_details(record.get("details"))
-    categories = [c for c in _as_list(record.get("categories")) if c != "Books"]
-    blurb = _as_list(record.get("features")) + _as_list(record.get("description"))
-    author = author_name(record.get("author"), store)
+    parts = prompt_parts(record)
+    title, subtitle = scrub(parts["title"]), scrub(parts["subtitle"])
+    store, details, categories, blurb, author = (parts[name] for name in ("store", "details", "categories", "blurb",
+                                                                           "author"))
     facts = [
         f"Author: {author}" if author else "",
         f"Category: {' > '.join(categories)}" if categories else "",

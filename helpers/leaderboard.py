@@ -25,6 +25,7 @@ from helpers.pricing import POINT
 from helpers.storage import write_file_atomically
 
 OTHER_BOOKS = "other books"  # the mark for a row scored on another set of books than the latest
+OUTLIER_FACTOR = 3  # a model this many times the median MAE has its bar cut, so the close ones can be told apart
 
 
 class Leaderboard:
@@ -145,44 +146,85 @@ class Leaderboard:
         repeated = table["name"].duplicated(keep=False)
         return table["name"].where(~repeated, table["name"] + " [" + table["key"] + "]")
 
-    def markdown(self, reference: str | None = None) -> str:
-        """The table as Markdown, best first: MAE with its interval, the paired difference against ``reference``
-        (default: the best classical baseline), median error, RMSLE, hit rate, interval coverage, the reading,
-        failures; a note under it when some rows were scored on other books."""
+    def summary(self, reference: str | None = None) -> pd.DataFrame:
+        """The table a learner reads, best first, one string per cell: the model, its MAE and bootstrap interval,
+        the paired difference against ``reference`` (default: the best classical baseline), the median error, the
+        hit rate, the interval coverage and the reading (with failures). The CSV keeps every column."""
         table = self.table(reference)
-        labels = self.labels(table)
         reference = table["vs_reference"].iloc[0] if len(table) else None
-        versus = (f"vs {labels[table['key'] == reference].iloc[0]} ({config.CONFIDENCE:.0%} CI)" if reference
-                  else "vs best baseline")
-        lines = [f"| model | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | {versus} ($) | median AE ($) | RMSLE | "
-                 f"hit rate | {config.INTERVAL_LEVEL:.0%} interval coverage | reading | failed |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, row in zip(labels, table.itertuples()):
-            paired = ("reference" if row.key == reference else OTHER_BOOKS if not row.latest_books else
-                      "-" if math.isnan(row.diff) else
-                      f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to {row.diff_ci_high:+.2f})")
-            coverage = "-" if math.isnan(row.coverage) else f"{row.coverage:.0%}"
-            lines.append(f"| {label} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | {paired} | "
-                         f"{row.median_ae:.2f} | {row.rmsle:.2f} | {row.hit_rate:.0%} | {coverage} | {row.reading} | "
-                         f"{row.n_failed} of {row.n} |")
-        if not table["latest_books"].all():
+
+        def versus(row) -> str:
+            if row.key == reference:
+                return "reference"
+            if not row.latest_books:
+                return OTHER_BOOKS
+            if math.isnan(row.diff):
+                return "-"
+            return f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to {row.diff_ci_high:+.2f})"
+
+        def reading(row) -> str:
+            return f"{row.reading}, {row.n_failed} of {row.n} failed" if row.n_failed else row.reading
+
+        return pd.DataFrame({
+            "model": self.labels(table),
+            "MAE": [f"${mae:.2f}" for mae in table["mae"]],
+            f"{config.CONFIDENCE:.0%} CI": [f"${low:.2f}-{high:.2f}" for low, high in
+                                             zip(table["mae_ci_low"], table["mae_ci_high"])],
+            "vs reference ($)": [versus(row) for row in table.itertuples()],
+            "median error": [f"${error:.2f}" for error in table["median_ae"]],
+            "hit rate": [f"{rate:.0%}" for rate in table["hit_rate"]],
+            f"{config.INTERVAL_LEVEL:.0%} covered": ["-" if math.isnan(c) else f"{c:.0%}" for c in table["coverage"]],
+            "reading": [reading(row) for row in table.itertuples()],
+        })
+
+    def reference_label(self, reference: str | None = None) -> str | None:
+        """The display name of the model every row of :meth:`summary` is compared with, or None."""
+        table = self.table(reference)
+        if not len(table) or not isinstance(table["vs_reference"].iloc[0], str):
+            return None
+        return str(self.labels(table)[table["key"] == table["vs_reference"].iloc[0]].iloc[0])
+
+    def markdown(self, reference: str | None = None) -> str:
+        """:meth:`summary` as Markdown, with the reference named under it, and a note when some rows were scored
+        on other books."""
+        summary = self.summary(reference)
+        lines = ["| " + " | ".join(summary.columns) + " |", "|" + "---|" * len(summary.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in summary.itertuples(index=False)]
+        named = self.reference_label(reference)
+        lines += ["", f"*vs reference*: the paired MAE difference against {named} on the same books, with its "
+                      f"{config.CONFIDENCE:.0%} bootstrap interval (negative: fewer dollars off)."] if named else []
+        if (summary["vs reference ($)"] == OTHER_BOOKS).any():
             lines += ["", f"Rows marked *{OTHER_BOOKS}* were scored on another set of books than the latest: their "
                           "MAE is not comparable with the others', and they are compared with nothing until "
                           "evaluated again."]
         return "\n".join(lines)
 
     def plot(self, path: Path | None = None) -> Figure:
-        """Horizontal bars of MAE with their bootstrap intervals, best model on top."""
-        table = self.table().dropna(subset=["mae"])
+        """Horizontal bars of MAE with their bootstrap intervals and values, best model on top. A model far worse
+        than the rest (the random guesser) would squash them: its bar is cut at the axis edge and labelled."""
+        table = self.table().dropna(subset=["mae"]).reset_index(drop=True)
         if table.empty:
             raise ValueError(f"No scored models in {self.path} yet: record an evaluation first.")
-        figure = Figure(figsize=(8, 0.5 * len(table) + 1.5))
+        labels = self.labels(table)
+        figure = Figure(figsize=(8, 0.45 * len(table) + 1.6))
         axes = figure.subplots()
         spread = [table["mae"] - table["mae_ci_low"], table["mae_ci_high"] - table["mae"]]
-        axes.barh(self.labels(table), table["mae"], xerr=spread, color="steelblue", capsize=3)
+        axes.barh(labels, table["mae"], xerr=spread, color="steelblue", capsize=3,
+                  label=f"MAE with its {config.CONFIDENCE:.0%} bootstrap interval")
+        rest = table["mae_ci_high"][table["mae"] < OUTLIER_FACTOR * table["mae"].median()]
+        edge = (rest.max() if len(rest) else table["mae_ci_high"].max()) * 1.25
+        for position, (mae, high) in enumerate(zip(table["mae"], table["mae_ci_high"])):
+            cut = mae > edge
+            text = rf"\${mae:.2f}" + (" (bar cut)" if cut else "")
+            # the value past its interval's whisker, or inside the cut bar
+            axes.annotate(text, (edge if cut else high, position), xytext=(-4 if cut else 4, 0),
+                          textcoords="offset points", va="center", ha="right" if cut else "left",
+                          color="white" if cut else "black", fontsize=8)
+        axes.set_xlim(0, edge)
         axes.invert_yaxis()
-        axes.set(xlabel=f"mean absolute error ($), with {config.CONFIDENCE:.0%} bootstrap interval",
-                 title=f"Leaderboard ({int(table['n'].max())} test books)")
+        axes.set(xlabel="mean absolute error (dollars off per book)",
+                 title=f"Leaderboard on {int(table['n'].max())} test books (shorter is better)")
+        axes.legend(loc="lower right", fontsize=8)
         figure.tight_layout()
         return save_figure(figure, path)
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from helpers import config
+from helpers.charts import dollar_axis, dollars, price_limits
 from helpers.items import Item
 from helpers.pricing import POINT, Reading
 
@@ -167,15 +168,18 @@ class PriceDistributions(Sequence):
         axes = figure.subplots()
         axes.bar(_PRICES, self.probabilities[index], width=0.08 * _PRICES, color="steelblue", label="P(price)")
         low, high = (bound[index] for bound in self.interval(level))
-        axes.axvspan(low, high, color="steelblue", alpha=0.12, label=f"{level:.0%} interval ${low:.0f}-${high:.0f}")
+        axes.axvspan(low, high, color="steelblue", alpha=0.12,
+                     label=f"{level:.0%} interval {dollars(low)}-{dollars(high)}")
         marks = [("median", self.median[index], "black", "-"), ("mean", self.mean[index], "darkorange", "--"),
                  ("argmax", self.argmax[index], "purple", ":")]
         if truth is not None:
             marks.append(("truth", truth, "green", "-"))
         for name, price, color, style in marks:
-            axes.axvline(price, color=color, linestyle=style, linewidth=1.5, label=f"{name} ${price:.0f}")
-        axes.set(xscale="log", xlim=(1, LARGEST_PRICE), xlabel="price ($)", ylabel="probability",
-                 title="The model's price distribution for one book")
+            axes.axvline(price, color=color, linestyle=style, linewidth=1.5, label=f"{name} {dollars(price)}")
+        mass = self.quantile(0.005)[index], self.quantile(0.995)[index]  # where 99% of the probability lies
+        axes.set(xscale="log", xlim=price_limits(*mass, *(mark[1] for mark in marks)), xlabel="price",
+                 ylabel="probability", title="The model's price distribution for one book")
+        dollar_axis(axes.xaxis)
         axes.legend(fontsize=8, loc="upper right")
         figure.tight_layout()
         return figure
@@ -320,10 +324,12 @@ class GeneratedPrices(list[float | None]):
         if truth is not None:
             marks.append(("truth", truth, "green", "-"))
         for name, value, color, style in marks:
-            axes.axvline(value, color=color, linestyle=style, linewidth=1.5, label=f"{name} ${value:.0f}")
+            axes.axvline(value, color=color, linestyle=style, linewidth=1.5, label=f"{name} {dollars(value)}")
         answer = "no number written" if price is None else "one price, no distribution"
-        axes.set(xscale="log", xlim=(1, LARGEST_PRICE), xlabel="price ($)", yticks=[],
+        limits = price_limits(*(mark[1] for mark in marks), margin=3) if marks else (1, LARGEST_PRICE)
+        axes.set(xscale="log", xlim=limits, xlabel="price", yticks=[],
                  title=f"Greedy generation's answer for one book: {answer}")
+        dollar_axis(axes.xaxis)
         if marks:
             axes.legend(fontsize=8, loc="upper right")
         figure.tight_layout()

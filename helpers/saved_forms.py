@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -24,7 +25,14 @@ from helpers.leaderboard import Leaderboard, leaderboard
 from helpers.predict import llm_predictor
 
 FORMS = ("4-bit + adapter", "merged 16-bit", *(f"GGUF {kind}" for kind in GGUF_TYPES))  # as scored, in order
-FORM_ORDER = {form: index for index, form in enumerate(FORMS)}
+
+
+def form_keys(adapter: str) -> dict[str, str]:
+    """The leaderboard key of each saved form of one fine-tune, ``adapter`` its adapter's folder or hub id
+    (:func:`helpers.models.adapter_source`): the 4-bit model's is the adapter itself, the key notebooks 04 and 05
+    record it under, so that it keeps one row however many notebooks score it; each other form's is the adapter
+    and the form. A leaderboard keeps one row per key: one row per form."""
+    return {form: adapter if form == FORMS[0] else f"{adapter} [{form}]" for form in FORMS}
 
 
 def _megabytes(path: Path) -> float:
@@ -34,11 +42,12 @@ def _megabytes(path: Path) -> float:
 
 
 def _score(board: Leaderboard, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           profile: config.Profile, items: list[Item], form: str, path: Path) -> None:
-    """Evaluate one form by the harness and record it on ``board``, with its form, its size on disk and the
-    dtype it computed in."""
+           profile: config.Profile, items: list[Item], form: str, path: Path, adapter: str) -> None:
+    """Evaluate one form by the harness and record it on ``board`` under its key (:func:`form_keys`), with its
+    form, its size on disk and the dtype it computed in."""
     evaluation = evaluate(name, llm_predictor(model, tokenizer, profile), items, batched=True)
-    board.record(evaluation, form=form, size_mb=_megabytes(path), compute=str(model.dtype).removeprefix("torch."))
+    board.record(evaluation, key=form_keys(adapter)[form], form=form, size_mb=_megabytes(path),
+                 compute=str(model.dtype).removeprefix("torch."))
 
 
 def score_saved_forms(profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
@@ -56,43 +65,86 @@ def score_saved_forms(profile: config.Profile, adapter: str | Path | None, hardw
     items = items if items is not None else eval_items(load_curated(profile)[1], profile)
     board = leaderboard(profile)
     model, tokenizer = models.load_finetuned(profile, adapter, hardware)
-    reference = models.finetuned_name(model, profile, adapter)
-    _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(models.adapter_source(profile, adapter)))
+    reference, source = models.finetuned_name(model, profile, adapter), models.adapter_source(profile, adapter)
+    _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(source), source)
     del model
     merged = Path(merged or export.save_merged(profile, adapter, hardware))
     saved = json.loads((merged / "config.json").read_text(encoding="utf-8"))["dtype"]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map=hardware.device_map)
     _score(board, f"{reference}, merged {saved}", model, AutoTokenizer.from_pretrained(merged), profile, items,
-           FORMS[1], merged)
+           FORMS[1], merged, source)
     del model
     for kind, folder in (ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES}).items():
         model, tokenizer = load_gguf(folder, hardware, dtype)
         _score(board, f"{reference}, GGUF {kind}", model, tokenizer, profile, items, f"GGUF {kind}",
-               Path(folder) / GGUF_NAME)
+               Path(folder) / GGUF_NAME, source)
         del model
-    return saved_forms(board, reference)
+    return saved_forms(board, source)
 
 
-def saved_forms(board: Leaderboard, reference: str) -> pd.DataFrame:
-    """One fine-tune's saved forms as :func:`score_saved_forms` recorded them on ``board``: the 4-bit model
-    (named ``reference``) first, then each form named after it, with its metrics and ``diff`` (``diff_ci_low``,
-    ``diff_ci_high``): its MAE minus the 4-bit model's on the same books, by the leaderboard's paired bootstrap."""
-    rows = board.table()
-    rows = rows[(rows["name"] == reference) | rows["name"].str.startswith(f"{reference}, ")]
-    rows = rows.drop(columns=["vs_reference", "diff", "diff_ci_low", "diff_ci_high"], errors="ignore")
-    rows = rows.sort_values("form", key=lambda forms: forms.map(FORM_ORDER), kind="stable").reset_index(drop=True)
-    rows[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(name, reference) for name in rows["name"]]
+def saved_forms(board: Leaderboard, adapter: str) -> pd.DataFrame:
+    """One fine-tune's saved forms as :func:`score_saved_forms` recorded them on ``board``, ``adapter`` its
+    adapter's folder or hub id: one row per form scored (:func:`form_keys`), the 4-bit model first, with its
+    metrics and ``diff`` (``diff_ci_low``, ``diff_ci_high``): its MAE minus the 4-bit model's on the same books,
+    by the leaderboard's paired bootstrap. Other rows of the same name (a run scored before its forms were, say)
+    are other keys: never here."""
+    keys = form_keys(adapter)
+    rows = board.table().set_index("key").drop(columns=["vs_reference", "diff", "diff_ci_low", "diff_ci_high"])
+    rows = rows.reindex(index=[key for key in keys.values() if key in rows.index],
+                        columns=list(dict.fromkeys([*rows.columns, "size_mb", "compute"]))).reset_index()
+    rows["form"] = rows["key"].map({key: form for form, key in keys.items()})  # also where notebook 05 re-recorded
+    rows[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(key, adapter) for key in rows["key"]]
     return rows
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """:func:`saved_forms`'s table as Markdown: MAE with its interval, and the paired difference against the
-    4-bit model with its interval, in dollars."""
-    lines = [f"| model | form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
-             f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---|---|---|---|---|---|---|---|"]
+    """:func:`saved_forms`'s table as Markdown, one row per form (the model's name is each row's ``name``): its
+    size, MAE with its interval, and the paired difference against the 4-bit model with its interval, in
+    dollars."""
+    lines = [f"| form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
+             f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---|---|---|---|---|---|---|"]
     for row in table.itertuples():
         paired = "reference" if row.form == FORMS[0] else (f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to "
                                                            f"{row.diff_ci_high:+.2f})")
-        lines.append(f"| {row.name} | {row.form} | {row.size_mb:,.1f} | {row.mae:.2f} | {row.mae_ci_low:.2f}-"
-                     f"{row.mae_ci_high:.2f} | {paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
+        size = "-" if pd.isna(row.size_mb) else f"{row.size_mb:,.1f}"  # the 4-bit row as notebook 05 re-recorded it
+        lines.append(f"| {row.form} | {size} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | "
+                     f"{paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
+    return "\n".join(lines)
+
+
+def _size(path: Path) -> str:
+    """A file's or folder's size as people write it: MB, or kB below a tenth of one."""
+    megabytes = sum(file.stat().st_size for file in ([path] if path.is_file() else path.rglob("*"))
+                    if file.is_file()) / 1e6
+    return f"{megabytes:,.1f} MB" if megabytes >= 0.1 else f"{megabytes * 1e3:,.1f} kB"
+
+
+def sizes_markdown(paths: dict[str, Path], what: str = "file") -> str:
+    """A Markdown table of each path (labelled by its key) and its size on disk."""
+    return "\n".join([f"| {what} | size |", "|---|---|",
+                      *(f"| {label} | {_size(Path(path))} |" for label, path in paths.items())])
+
+
+def by_book(board: Leaderboard, adapter: str, items: list[Item]) -> pd.DataFrame:
+    """Book by book, the true price and each saved form's price (a column per form, as :func:`score_saved_forms`
+    recorded them on ``board`` for ``items``: nothing is computed again). ``adapter``: as in :func:`saved_forms`."""
+    books = board.predictions()
+    if len(books) != len(items) or not np.allclose(books["truth"], [item.price for item in items]):
+        raise ValueError(f"The latest books of {board.predictions_path} are not these {len(items)} books: score the "
+                         f"saved forms on them first (score_saved_forms).")
+    table = pd.DataFrame({"book": [item.title for item in items], "true price": books["truth"]})
+    for form, key in form_keys(adapter).items():
+        if key in books:
+            table[form] = books[key]
+    return table
+
+
+def by_book_markdown(table: pd.DataFrame, count: int = 8, width: int = 40) -> str:
+    """The first ``count`` rows of :func:`by_book`'s table as Markdown, in dollars, titles cut to ``width``."""
+    money = list(table.columns[1:])
+    lines = ["| book | " + " | ".join(f"{column} ($)" for column in money) + " |", "|---" * (len(money) + 1) + "|"]
+    for row in table.head(count).itertuples(index=False):
+        title = row[0] if len(row[0]) <= width else row[0][: width - 1].rstrip() + "…"
+        prices = ("-" if pd.isna(price) else f"{price:,.2f}" for price in row[1:])
+        lines.append(f"| {title.replace('|', '/')} | " + " | ".join(prices) + " |")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ outside the run.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -95,10 +96,17 @@ def plot_runs(runs: dict[str, Path], tags: tuple[str, ...] = LOSS_TAGS, path: Pa
 
 
 def compare_runs(runs: dict[str, Path]) -> pd.DataFrame:
-    """The hyperparameters and results of several runs side by side, from their run cards (one column a run)."""
+    """The hyperparameters and results of several runs side by side, from their run cards (one column a run),
+    numbers to 4 significant digits; ``run_card.json`` keeps every field at full precision."""
     columns = {}
     for label, run_dir in runs.items():
         card = RunDir(Path(run_dir)).read_card()
         columns[label] = {**{name: card["hyperparameters"][name] for name in HYPERPARAMETERS},
                           **{name: card.get(name) for name in CARD_FIELDS}}
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns).map(_readable)
+
+
+def _readable(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # a field this run's card lacks
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -55,9 +55,12 @@ def main() -> None:
             tab.get_by_label("Author").fill(book.author)
             tab.get_by_label("Format").fill(book.format)
             tab.keyboard.press("Enter")
+            tab.get_by_label("Binding, edition and date").fill(book.subtitle or "")  # after Format: as typed
             tab.get_by_label("Pages").fill(f"{book.pages:.0f}" if book.pages else "")
+            tab.get_by_label("Language").fill(book.language)
             tab.get_by_label("Category").fill(book.category)
             tab.get_by_label("Publisher").fill(book.publisher)
+            tab.get_by_label("More details").fill(book.details)
             tab.get_by_label("Blurb").fill(book.blurb)
             started = time.perf_counter()
             tab.get_by_role("button", name="Price it").click()

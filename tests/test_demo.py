@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -15,9 +16,11 @@ from gradio_client import Client
 from httpx import HTTPError
 
 from helpers import assets, baselines, config, demo
-from helpers.curate import curate, item_from_record
+from helpers.curate import curate, curate_batch, item_from_record
+from helpers.data import open_source
 from helpers.dataset import has_curated, load_curated
 from helpers.hardware import Hardware
+from helpers.items import Item
 from helpers.runs import RunDir
 from helpers.tokens import KEPT
 
@@ -58,31 +61,30 @@ def sample_records() -> dict[str, dict]:
 SERVER_START_TIMEOUT_S = 240  # loading the 4-bit model on a busy 2-core CPU
 
 
-def _form(book: demo.Book) -> tuple:
-    return book.title, book.author, book.format, book.pages, book.blurb, book.category, book.publisher
-
-
 @pytest.mark.slow
 def test_a_real_sample_book_gets_a_price_through_the_served_page(page, profile, sample_records):
     test_book = load_curated(profile)[1][0]
     book = demo.Book.from_record(sample_records[test_book.asin])
-    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*_form(book), api_name=f"/{demo.API_NAME}")
+    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*demo.form_values(book),
+                                                                          api_name=f"/{demo.API_NAME}")
     assert answer.startswith("### $") and f"{config.INTERVAL_LEVEL:.0%} interval $" in answer
     assert "Best classical baseline, **Gradient boosting (text + features)**: $" in answer
     assert chart  # the distribution's plot came back
-    tokenizer = assets.load_tokenizer(profile.tokenizer_source)
-    assert prompt == item_from_record(book.record(), tokenizer)[0].test_prompt  # the training prompt, nothing else
+    assert prompt == test_book.test_prompt  # the prompt this book was curated with, nothing else
     assert prompt.startswith(config.QUESTION) and prompt.endswith(config.ANSWER_PREFIX) and book.title in prompt
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form, message", [
-    (("", "", "paperback", None, "   ", "", ""), "Type at least a title or a blurb"),
-    (("?!", "", "paperback", None, "...", "", ""), "Type at least a title or a blurb"),
-    (("A Book", "", "paperback", -3, "A blurb.", "", ""), "Pages must be between 1 and 20,000"),
+@pytest.mark.parametrize("book, message", [
+    (demo.Book("", blurb="   "), "Type at least a title or a blurb"),
+    (demo.Book("?!", blurb="..."), "Type at least a title or a blurb"),
+    (demo.Book("A Book", pages=-3, blurb="A blurb."), "Pages must be between 1 and 20,000"),
+    (demo.Book("A Book", format="paperback", subtitle="Hardcover – May 1, 2001"), "The subtitle says hardcover"),
+    (demo.Book("A Book", details="Weight: 2 pounds"), "More details takes one 'Key: value' a line"),
 ])
-def test_an_empty_or_absurd_form_gets_a_clear_message(page, form, message):
-    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*form, api_name=f"/{demo.API_NAME}")
+def test_an_empty_absurd_or_contradictory_form_gets_a_clear_message(page, book, message):
+    answer, chart, prompt = Client(page.local_url, verbose=False).predict(*demo.form_values(book),
+                                                                          api_name=f"/{demo.API_NAME}")
     assert answer.startswith("**Cannot price this yet.**") and message in answer and "Traceback" not in answer
     assert chart is None and prompt == ""
 
@@ -102,12 +104,47 @@ def test_a_curated_book_becomes_the_same_item_in_the_demo(profile, sample_record
         assert reason == KEPT and json.dumps(item.to_row()) == json.dumps(curated.to_row())  # NaN == NaN here
 
 
-def test_the_form_keeps_what_prices_a_book(profile, sample_records):
-    record = next(r for r in sample_records.values() if r.get("description") and "pages" in str(r.get("details")))
-    book = demo.Book.from_record(record)
-    item, _ = item_from_record(book.record(), assets.load_tokenizer(profile.tokenizer_source))
-    assert (item.title, item.format, item.pages) == (book.title, book.format, book.pages)
-    assert f"Author: {book.author}" in item.text and f"Pages: {book.pages:.0f}" in item.text
+def _curated_sample(tokenizer) -> list[tuple[dict, Item]]:
+    """Every record of the shipped sample that curation keeps, with the Item curation makes of it: read and
+    curated by curation's own code (the source reader, then ``curate_batch``), before dedup and balancing."""
+    kept = []
+    for table in open_source(str(config.SAMPLE_PATH)).read_shard(0, 1_000):
+        for record, row in zip(table.to_pylist(), curate_batch(table, tokenizer).to_pylist()):
+            if row["asin"] is not None:
+                kept.append((record, Item.from_row(row)))
+    return kept
+
+
+def test_every_kept_sample_book_typed_into_the_form_gets_its_training_prompt(profile):
+    """The form holding a real book (``Book.from_record``) makes the very prompt curation made of its record:
+    the same lines, cut to the same MAX_TOKENS tokens; and the same format, category and pages for the baseline."""
+    tokenizer = assets.load_tokenizer(profile.tokenizer_source)
+    kept = _curated_sample(tokenizer)
+    assert len(kept) > 100  # most of the 179 records (the rest have no price or too few tokens)
+    for record, curated in kept:
+        book = demo.Book.from_record(record)
+        assert book.problem() is None, curated.title
+        item, reason = book.item(tokenizer)
+        assert reason == KEPT and item.test_prompt == curated.test_prompt, curated.title
+        assert (item.format, item.category, item.token_count) == (curated.format, curated.category,
+                                                                  curated.token_count)
+        assert item.pages == curated.pages or math.isnan(item.pages) and math.isnan(curated.pages)
+    on_disk = {item.asin: item for items in load_curated(profile) for item in items}  # after dedup and balancing
+    prompts = {curated.asin: curated.test_prompt for _, curated in kept}
+    assert on_disk and all(prompts[asin] == item.test_prompt for asin, item in on_disk.items())
+
+
+def test_a_typed_book_reads_like_a_training_book(profile):
+    """A book typed without a subtitle gets its format's name there (as the hub's bare subtitles), and each field
+    one line of its own; the form's pages make a Pages line, and nothing else."""
+    book = demo.Book("Dune", author="Frank Herbert", format="hardcover", pages=412, category="Fiction > Classics",
+                     publisher="Chilton", blurb="A desert planet.", details="Reading age: 12 years and up")
+    item, _ = book.item(assets.load_tokenizer(profile.tokenizer_source))
+    assert item.text.splitlines() == ["Dune", "Hardcover", "Author: Frank Herbert", "Category: Fiction > Classics",
+                                      "Publisher: Chilton", "Pages: 412", "Language: English",
+                                      "Reading age: 12 years and up", "A desert planet."]
+    assert (item.format, item.category, item.pages) == ("hardcover", "Fiction", 412)
+    assert demo.Book.from_record(book.record()) == demo.Book(**{**vars(book), "subtitle": "Hardcover"})
 
 
 def test_the_demo_baseline_is_the_one_notebook_02_saved(profile, monkeypatch):
@@ -147,7 +184,7 @@ def test_the_command_serves_the_page(pricer, profile, sample_records):
                 assert time.monotonic() < deadline, "the demo did not start"
                 time.sleep(1)
         book = demo.Book.from_record(sample_records[load_curated(profile)[1][0].asin])
-        answer, _, _ = client.predict(*_form(book), api_name=f"/{demo.API_NAME}")
+        answer, _, _ = client.predict(*demo.form_values(book), api_name=f"/{demo.API_NAME}")
         assert answer.startswith("### $") and "interval" in answer
     finally:
         server.terminate()

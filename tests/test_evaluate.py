@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -196,9 +197,40 @@ def test_leaderboard_prints_markdown_best_first(tmp_path) -> None:
     board.record(scored([10.0, 20.0], [12.0, 20.0], name="good"))
     board.record(scored([10.0, 20.0], [30.0, 50.0], name="bad"))
     lines = board.markdown().splitlines()
-    assert lines[0].startswith("| model | MAE ($)") and len(lines) == 4
-    assert lines[2].startswith("| good | 1.00 |") and lines[3].startswith("| bad | 25.00 |")
-    assert lines[2].endswith("| - | point | 0 of 2 |")  # no intervals, no baseline to compare with
+    assert lines[0].startswith("| model | MAE | 95% CI |") and len(lines) == 4  # no reference: no note under it
+    assert lines[2].startswith("| good | $1.00 |") and lines[3].startswith("| bad | $25.00 |")
+    assert lines[2].endswith("| - | point |")  # no intervals, no baseline to compare with
+
+
+def test_the_printed_leaderboard_is_narrow_and_rounded(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    truths = [10.0, 20.0, 30.0]
+    board.record(scored(truths, [12.0, 19.0, 33.0], name="baseline"), train_items=10)
+    board.record(scored(truths, [11.123456, 20.5, 29.0], name="LLM"))
+    board.record(scored(truths, [11.0, None, 31.0], name="sometimes silent"))
+    summary = board.summary()
+    assert len(summary.columns) <= config.TABLE_COLUMNS and len(board.table().columns) > 15  # the CSV keeps everything
+    cells = [cell for row in summary.itertuples(index=False) for cell in row]
+    assert all(isinstance(cell, str) for cell in cells)
+    assert not any(re.search(r"\.\d{3}", cell) for cell in cells)  # 2 decimals at most
+    rows = summary.set_index("model")
+    assert rows.loc["LLM", "MAE"] == "$0.87" and rows.loc["baseline", "vs reference ($)"] == "reference"
+    assert rows.loc["sometimes silent", "reading"] == "point, 1 of 3 failed"
+    assert max(len(line) for line in summary.to_string(index=False).splitlines()) <= config.LINE_WIDTH
+    assert "the paired MAE difference against baseline" in board.markdown()
+
+
+def test_the_leaderboard_chart_cuts_a_far_worse_model_so_close_ones_can_be_told_apart(tmp_path) -> None:
+    board = Leaderboard(tmp_path / "leaderboard.csv")
+    rng = np.random.default_rng(0)
+    truths = list(rng.uniform(5, 60, 30))
+    for name, off in [("Random", 400.0), ("A", 10.0), ("B", 11.0), ("C", 12.0)]:
+        board.record(scored(truths, [truth + off for truth in truths], name=name), train_items=10)
+    axes = board.plot().axes[0]
+    assert axes.get_xlim()[1] < 20  # the close models fill the axis; Random's bar is cut at its edge
+    texts = [text.get_text() for text in axes.texts]
+    assert r"\$400.00 (bar cut)" in texts and r"\$10.00" in texts  # escaped: matplotlib shows "$", not maths
+    assert axes.get_legend() is not None
 
 
 def distribution_predictor(probabilities: np.ndarray, reading: str = "median"):
@@ -244,8 +276,8 @@ def test_paired_bootstrap_against_the_best_classical_baseline(tmp_path) -> None:
     low, high = board.table().set_index("name").loc["noisy LLM", ["diff_ci_low", "diff_ci_high"]]
     assert low < board.paired("noisy LLM", "strong baseline")[0] < high
     lines = board.markdown().splitlines()
-    assert "vs strong baseline (95% CI) ($)" in lines[0]
-    assert "| LLM | 4.00 |" in lines[2] and "| -2.00 (-2.00 to -2.00) |" in lines[2]
+    assert "against strong baseline on the same books" in lines[-1]
+    assert "| LLM | $4.00 |" in lines[2] and "| -2.00 (-2.00 to -2.00) |" in lines[2]
     assert any(line.startswith("| strong baseline |") and "| reference |" in line for line in lines)
 
 
@@ -264,8 +296,8 @@ def test_two_runs_of_one_name_keep_their_own_rows_by_key(tmp_path) -> None:
     with pytest.raises(ValueError, match="runs/a/adapter, runs/b/adapter"):
         board.paired("QLoRA r=8", "baseline")  # which of the two?
     lines = board.markdown().splitlines()
-    assert lines[2].startswith("| QLoRA r=8 [runs/a/adapter] | 1.00 |")
-    assert lines[3].startswith("| QLoRA r=8 [runs/b/adapter] | 3.00 |") and lines[4].startswith("| baseline |")
+    assert lines[2].startswith("| QLoRA r=8 [runs/a/adapter] | $1.00 |")
+    assert lines[3].startswith("| QLoRA r=8 [runs/b/adapter] | $3.00 |") and lines[4].startswith("| baseline |")
     assert len(board.plot().axes[0].patches) == 3  # one bar each, not one shared by the repeated name
 
 
@@ -292,9 +324,9 @@ def test_an_explicit_reference_replaces_the_best_baseline(tmp_path) -> None:
     assert table.set_index("name")["diff"].to_dict() == pytest.approx(
         {"QLoRA 4-bit": 0.0, "QLoRA merged bf16": 1.0, "baseline": 3.0})
     lines = board.markdown(reference="runs/smoke/qlora/adapter").splitlines()
-    assert "vs QLoRA 4-bit (95% CI) ($)" in lines[0]
+    assert "against QLoRA 4-bit on the same books" in lines[-1]
     assert "| reference |" in lines[2] and "| +1.00 (+1.00 to +1.00) |" in lines[3]
-    assert "vs baseline" in board.markdown().splitlines()[0]
+    assert "against baseline on the same books" in board.markdown()
     with pytest.raises(ValueError, match="no-such-model"):
         board.table(reference="no-such-model")
 
@@ -311,7 +343,7 @@ def test_rows_scored_on_other_books_are_marked_and_compared_with_nothing(tmp_pat
                                                "new baseline": True}
     assert table.loc["new LLM", "diff"] == pytest.approx(-3.0) and table.loc["old LLM", ["diff"]].isna().all()
     markdown = board.markdown()
-    assert "| old LLM | 2.00 | 2.00-2.00 | other books |" in markdown
+    assert "| old LLM | $2.00 | $2.00-2.00 | other books |" in markdown
     assert "*other books* were scored on another set of books" in markdown
 
 

@@ -191,13 +191,15 @@ def test_another_architecture_stops_naming_what_is_supported_and_llama_cpp(setti
 def test_the_saved_forms_table_compares_each_form_with_the_4_bit_model_on_the_same_books(tmp_path):
     board = Leaderboard(tmp_path / "leaderboard.csv")
     truths = np.array([10.0, 20.0, 30.0, 40.0])
-    reference = "Fine-tuned (QLoRA r=8), SmolLM2-135M-Instruct"
+    reference, adapter = "Fine-tuned (QLoRA r=8), SmolLM2-135M-Instruct", "runs/smoke/qlora/adapter"
+    keys = saved_forms.form_keys(adapter)
     for name, form, errors in [("Constant (train mean)", None, [9, 9, 9, 9]), (f"{reference}, GGUF q8_0", "GGUF q8_0",
                                [3, 4, 3, 6]), (reference, "4-bit + adapter", [2, 4, 2, 4]),
                                (f"{reference}, merged bfloat16", "merged 16-bit", [1, 3, 2, 2])]:
         evaluation = evaluate.Evaluation(name, truths, truths + np.array(errors, dtype=float), failures=[])
-        board.record(evaluation, **({"form": form, "size_mb": 1.0} if form else {"train_items": 60}))
-    table = saved_forms.saved_forms(board, reference)
+        board.record(evaluation, **({"key": keys[form], "form": form, "size_mb": 1.0} if form else
+                                    {"train_items": 60}))
+    table = saved_forms.saved_forms(board, adapter)
     assert table["form"].tolist() == ["4-bit + adapter", "merged 16-bit", "GGUF q8_0"]  # the baseline left out
     assert table["diff"].tolist() == pytest.approx([0.0, -1.0, 1.0])
     assert (table["diff_ci_low"] <= table["diff"]).all() and (table["diff"] <= table["diff_ci_high"]).all()

@@ -10,9 +10,10 @@ from helpers import config
 
 NOTEBOOKS = sorted((config.REPO_ROOT / "notebooks").glob("*.ipynb"))
 WORKSHOP = {"05": "load_finetuned(profile, ADAPTER or None, hardware)",  # take an ADAPTER
-            "06": "Pricer(profile, ADAPTER or None, hardware)"}
+            "06": "Pricer(profile, ADAPTER or None, hardware)",
+            "07": "save_merged(profile, ADAPTER or None, hardware, EXPORT_DIR or None)"}
 EXTRA_PARAMETERS = {"04": ["PUSH_TO_HUB", "REPORT_TO", "TIME_BUDGET"], "05": ["ADAPTER"],
-                    "06": ["ADAPTER", "SHARE", "EXPORT_DIR"]}
+                    "06": ["ADAPTER", "SHARE"], "07": ["ADAPTER", "EXPORT_DIR"]}
 
 
 def test_notebooks_are_numbered_in_order_from_00():
@@ -66,3 +67,38 @@ def test_the_training_notebook_pushes_its_adapter_only_when_asked():
     function = re.search(r"(\w+)\(result\.adapter_dir, PUSH_TO_HUB", push).group(1)
     imports = "\n".join(cell.source for cell in notebook.cells if cell.source.startswith("%matplotlib"))
     assert re.search(rf"^from helpers\.\w+ import .*\b{function}\b", imports, re.M), f"{function} is not imported"
+
+
+# --- the exercises and their solutions ------------------------------------------------------------------------------
+SOLUTIONS = sorted((config.REPO_ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+# what a solution notebook must not call: it computes and shows, and leaves the lesson's results as they were
+WRITERS = ("curate(", ".record(", "save_charts", "save_fitted", "fit_and_save", "save_figure",
+           "results_dir", "to_parquet", "savefig", "write_", "save_merged", "push_to_hub")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_each_lesson_ends_with_exercises_that_have_solutions(path):
+    last = nbformat.read(path, as_version=4).cells[-1]
+    assert last.cell_type == "markdown" and last.source.startswith("## Exercises")
+    assert f"notebooks/solutions/{path.name[:2]}_solutions.ipynb" in last.source
+    assert len(re.findall(r"^\d\. \*\*", last.source, re.M)) in (2, 3), "2 or 3 numbered, bold-titled exercises"
+    assert (config.REPO_ROOT / "notebooks" / "solutions" / f"{path.name[:2]}_solutions.ipynb").exists()
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda path: path.name)
+def test_a_solution_notebook_opens_like_its_lesson_and_only_computes(path):
+    number = path.name[:2]
+    (lesson,) = (config.REPO_ROOT / "notebooks").glob(f"{number}_*.ipynb")
+    notebook, lesson = nbformat.read(path, as_version=4), nbformat.read(lesson, as_version=4)
+    nbformat.validate(notebook)
+    assert (notebook.nbformat, notebook.nbformat_minor) == (4, 5)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    ids = [cell.id for cell in notebook.cells]
+    assert len(set(ids)) == len(ids) and ids[:3] == [f"{number}s-00", f"{number}s-01", f"{number}s-02"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in notebook.cells if cell.cell_type == "code")
+    title, parameters, set_up = notebook.cells[:3]
+    assert title.cell_type == "markdown" and title.source.startswith(f"# {number} Solutions: ")
+    assert parameters.metadata.get("tags") == ["parameters"] and parameters.source == lesson.cells[1].source
+    assert set_up.source == lesson.cells[2].source
+    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    assert [writer for writer in WRITERS if writer in code] == []

@@ -73,7 +73,8 @@ def test_runs_are_compared_from_their_cards_and_curves(tmp_path):
         RunDir(run_dir).write_card({"hyperparameters": hyperparameters, "eval_loss_after": 1.0 / rank})
         runs[f"r={rank}"] = run_dir
     table = tracking.compare_runs(runs)
-    assert table.loc["lora_r"].tolist() == [4, 8] and table.loc["eval_loss_after"].tolist() == [0.25, 0.125]
+    assert table.loc["lora_r"].tolist() == ["4", "8"] and table.loc["eval_loss_after"].tolist() == ["0.25", "0.125"]
+    assert table.loc["wall_seconds"].tolist() == ["-", "-"]  # not on these cards: a dash, not None
     figure = tracking.plot_runs(runs, path=tmp_path / "runs.png")
     assert (tmp_path / "runs.png").stat().st_size > 0
     assert [len(axes.lines) for axes in figure.axes] == [2, 2]  # both runs in both panels (no eval: empty lines)
