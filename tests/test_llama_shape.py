@@ -43,7 +43,7 @@ def full_profile(llama_8b_widths, as_full_data):
 def test_the_memory_estimate_matches_a_real_4bit_model_within_10_percent(full_profile):
     training = full_profile.training
     model, _ = models.load_base_model(full_profile, Hardware.card("cpu"))
-    model = get_peft_model(prepare_model_for_kbit_training(model), finetune.lora_config(training))
+    model = get_peft_model(prepare_model_for_kbit_training(model), recipe.lora_config(training))
     finetune.keep_adapter_in_float32(model)
     measured = model.get_memory_footprint() / plan.GIB
     shape = replace(plan.LLAMA_3_1_8B_SHAPE, num_hidden_layers=LAYERS)
