@@ -276,7 +276,8 @@ def train(profile: config.Profile, hardware: Hardware, the_plan: TrainingPlan,
     tokens_before = (TrainerState.load_from_json(str(checkpoint / TRAINER_STATE)).num_input_tokens_seen
                      if checkpoint else 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    # the plan read the checkpoint's count: the Trainer's rotation may have deleted that checkpoint by now
+    tokens = trainer.state.num_input_tokens_seen - the_plan.done_tokens
     replicas = hardware.gather(_replica_digest(trainer.model))
     if hardware.is_main:  # one writer
         write_folder_atomically(run.adapter, partial(_save_adapter, trainer.model, tokenizer))

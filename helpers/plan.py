@@ -321,6 +321,7 @@ class TrainingPlan:
     recorded: dict | None = None
     checkpoint: Path | None = None
     done_steps: int = 0
+    done_tokens: int = 0  # the tokens that checkpoint had read: a resumed run's tokens/s counts only its own
     seen: tuple = ()
     # The books, read once: train() takes them from here.
     train_items: tuple[Item, ...] = field(default=(), repr=False, compare=False)
@@ -460,9 +461,10 @@ def settle(the_plan: TrainingPlan, run: RunDir, hardware: Hardware, resume: bool
         raise RunMismatch(mismatch_message(run, diffs))
     split = {name: recorded["training"][name] for name in ("batch_size", "gradient_accumulation_steps")}
     checkpoint = run.checkpoints / newest if newest else None
-    done = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"] if checkpoint else 0
+    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")) if checkpoint else {}
     return replace(the_plan, training=replace(the_plan.training, **split), steps=recorded["planned_steps"],
-                   recorded=recorded, checkpoint=checkpoint, done_steps=done)
+                   recorded=recorded, checkpoint=checkpoint, done_steps=state.get("global_step", 0),
+                   done_tokens=state.get("num_input_tokens_seen", 0))
 
 
 def make_plan(profile: config.Profile, hardware: Hardware, books: int | None = None,
