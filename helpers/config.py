@@ -292,7 +292,8 @@ class UnknownProfile(ValueError):
 
 def progress_bars_off() -> bool:
     """True when ``TQDM_DISABLE`` asks for no progress bars (``make smoke`` sets it: its notebooks are read
-    afterwards, not watched); tqdm reads the same variable, the Trainer's bar follows it in ``make_trainer``."""
+    afterwards, not watched). Each bar passes it as ``disable``: tqdm's notebook bar ignores the variable, and the
+    Trainer's bar follows it in ``make_trainer``."""
     return os.environ.get("TQDM_DISABLE", "").strip().lower() not in {"", "0", "false"}
 
 

@@ -156,7 +156,8 @@ def run_stage(profile: config.Profile, source: Source, tokenizer: PreTrainedToke
         leftover.unlink()  # a crashed write (the final names are only ever whole files)
     parts = [stage / f"part-{index:05d}-of-{source.num_shards:05d}.parquet" for index in range(source.num_shards)]
     todo = [index for index, part in enumerate(parts) if not part.exists()]
-    bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="Curate shards", unit="shard")
+    bar = tqdm(total=len(parts), initial=len(parts) - len(todo), desc="Curate shards", unit="shard",
+               disable=config.progress_bars_off())
     if min(profile.num_proc, len(todo)) > 1:
         context = get_context("spawn")
         with ProcessPoolExecutor(min(profile.num_proc, len(todo)), mp_context=context, initializer=_start_worker,

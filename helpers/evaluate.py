@@ -207,7 +207,7 @@ def evaluate(name: str, predictor: ItemPredictor | Predictor, items: list[Item],
                              for level in sorted({config.INTERVAL_LEVEL, *config.CALIBRATION_LEVELS})}
     else:
         outputs = []
-        for item in tqdm(items, desc=name, leave=False):
+        for item in tqdm(items, desc=name, leave=False, disable=config.progress_bars_off()):
             try:
                 outputs.append((predictor(item), None))
             except Exception as error:  # any failure of the model is a result to report, unless the machine failed

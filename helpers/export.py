@@ -99,7 +99,7 @@ def merged_model(profile: config.Profile, adapter: str | Path | None, hardware: 
     if device == "cpu":
         check_memory(profile, dtype)
     model, tokenizer = models.load_finetuned(profile, adapter, hardware, quantized=False, dtype=dtype, device=device)
-    return model.merge_and_unload(progressbar=True), tokenizer
+    return model.merge_and_unload(progressbar=not config.progress_bars_off()), tokenizer
 
 
 # --- saving ------------------------------------------------------------------------------

@@ -272,9 +272,6 @@ def train(profile: config.Profile, hardware: Hardware, the_plan: TrainingPlan,
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     checkpoint = the_plan.checkpoint
-    # Read before training: the Trainer's checkpoint rotation may delete this checkpoint as it saves newer ones.
-    tokens_before = (TrainerState.load_from_json(str(checkpoint / TRAINER_STATE)).num_input_tokens_seen
-                     if checkpoint else 0)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # the plan read the checkpoint's count: the Trainer's rotation may have deleted that checkpoint by now
     tokens = trainer.state.num_input_tokens_seen - the_plan.done_tokens

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from helpers import config
+
 # bitsandbytes, on a CPU with AVX-512 BF16, tries to fetch an optional faster 4-bit kernel from the hub (the
 # `kernels` package) and logs a warning when it cannot; it then runs its own CPU kernel, which is the one every
 # smoke figure measures. Nothing for a learner to do: the GPU profiles use CUDA kernels.
@@ -23,3 +25,10 @@ warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is de
 # On a CPU, bitsandbytes' paged AdamW has no GPU memory to page from and runs as plain AdamW; notebook 04 and the
 # recipe say so, so the warning each step would only repeat it.
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+
+# Bars are for watching: where TQDM_DISABLE says nobody watches (`make smoke` saves the notebooks to read later),
+# transformers' own bars (loading checkpoint shards, reading a GGUF) go too; tqdm's notebook bar ignores the variable.
+if config.progress_bars_off():
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

@@ -110,7 +110,7 @@ def _batches(prompts: list[str], batch_size: int, description: str) -> tqdm:
     """Indices of ``prompts`` in batches of similar length (less padding), longest first, with a progress bar."""
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    return tqdm(batches, desc=description, unit="batch", leave=False)
+    return tqdm(batches, desc=description, unit="batch", leave=False, disable=config.progress_bars_off())
 
 
 def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device: torch.device) -> dict:

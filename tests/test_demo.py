@@ -134,6 +134,19 @@ def test_every_kept_sample_book_typed_into_the_form_gets_its_training_prompt(pro
     assert on_disk and all(prompts[asin] == item.test_prompt for asin, item in on_disk.items())
 
 
+def test_every_sample_record_typed_into_the_form_gets_the_text_curation_makes_of_it(profile):
+    """All 179 records, the skipped ones included (no price, too few tokens): the form holding the record reads
+    the very text, format and category curation's own path makes of it, and the same skip reason."""
+    tokenizer = assets.load_tokenizer(profile.tokenizer_source)
+    records = [json.loads(line) for line in config.SAMPLE_PATH.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 179
+    for record in records:
+        from_form, form_reason = demo.Book.from_record(record).item(tokenizer)
+        from_curation, reason = item_from_record(record, tokenizer)
+        assert (from_form.text, from_form.format, from_form.category, form_reason) == (
+            from_curation.text, from_curation.format, from_curation.category, reason), record["title"]
+
+
 def test_a_typed_book_reads_like_a_training_book(profile):
     """A book typed without a subtitle gets its format's name there (as the hub's bare subtitles), and each field
     one line of its own; the form's pages make a Pages line, and nothing else."""

@@ -1,6 +1,8 @@
 """The notebooks as a learner reads them: the executed copies `make smoke` writes to results/<profile>/notebooks
 hold no progress bar, no warning the course has not explained (helpers/noise.py silences the explained ones), no
-raw object repr in place of a result, and no table or line wider than the limits in helpers/config.py.
+raw object repr in place of a result, no table wider than the limit in helpers/config.py, and no dump (a dict, list
+or object printed on one line wider than its line limit). Long lines of prose, prompts included, are fine: Jupyter
+wraps them.
 
 `make smoke` runs this file after executing the notebooks; the unit tests below check the checker itself.
 """
@@ -19,6 +21,7 @@ EXECUTED = sorted((config.HOME / "results").glob("*/notebooks/*.ipynb"))
 PROGRESS = re.compile(r"\d+%\|")  # tqdm's "42%|████"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 WARNING = re.compile(r"\b\w*Warning\b|^WARNING\b|^W\d{4} ", re.M)
+DUMP = re.compile(r"^\s*[\[{(]['\"\d]|\b\w+\(\w+=")  # "{'loss': ...", "[...]", "LoraConfig(r=8, ..."
 RAW_REPR = re.compile(r"^<[\w.]+ object at 0x[0-9a-f]+>$|^<IPython\.core\.display\.\w+ object>$")
 
 
@@ -60,9 +63,9 @@ def problems(notebook: nbformat.NotebookNode) -> list[str]:
                 found.append(f"{where}: a raw repr: {text.strip()[:80]}")
             if html and "<table" in html and table_columns(html) > config.TABLE_COLUMNS:
                 found.append(f"{where}: a table of {table_columns(html)} columns (limit {config.TABLE_COLUMNS})")
-            wide = [line for line in text.splitlines() if len(line) > config.LINE_WIDTH]
-            if wide and not html:  # a DataFrame's text twin is not shown where its HTML is
-                found.append(f"{where}: a line of {len(wide[0])} characters (limit {config.LINE_WIDTH})")
+            dumps = [line for line in text.splitlines() if len(line) > config.LINE_WIDTH and DUMP.search(line)]
+            if dumps and not html:  # a DataFrame's text twin is not shown where its HTML is
+                found.append(f"{where}: a dump of {len(dumps[0])} characters on one line (limit {config.LINE_WIDTH})")
     return found
 
 
@@ -91,7 +94,8 @@ def _table(columns: int) -> str:
       "data": {"text/plain": "<helpers.hardware.Hardware object at 0x7f00aa>"}}, "raw repr"),
     ({"output_type": "execute_result", "execution_count": 1, "metadata": {},
       "data": {"text/html": _table(19), "text/plain": "a wide frame"}}, "19 columns"),
-    ({"output_type": "stream", "name": "stdout", "text": "{'loss': 0.123456789012345, " * 8}, "a line of"),
+    ({"output_type": "stream", "name": "stdout", "text": "{'loss': 0.123456789012345, " * 8}, "a dump of"),
+    ({"output_type": "stream", "name": "stdout", "text": "LoraConfig(r=8, " + "x=1, " * 30}, "a dump of"),
 ])
 def test_the_check_finds_what_a_learner_should_not_meet(output, finding):
     (found,) = problems(_executed(output))
@@ -105,5 +109,6 @@ def test_the_check_passes_a_narrow_table_a_figure_and_printed_lines():
         {"output_type": "display_data", "metadata": {},
          "data": {"image/png": "iVBOR", "text/plain": "<Figure size 800x350 with 1 Axes>"}},
         {"output_type": "stream", "name": "stdout", "text": "MAE $10.28 (95% CI $8.10-12.90)\n"},
+        {"output_type": "stream", "name": "stdout", "text": "A blurb of a book, " * 40 + "\n"},  # prose wraps
     )
     assert problems(clean) == []
