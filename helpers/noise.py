@@ -29,6 +29,12 @@ warnings.filterwarnings("ignore", message="Paged optimizers are not supported on
 # Bars are for watching: where TQDM_DISABLE says nobody watches (`make smoke` saves the notebooks to read later),
 # transformers' own bars (loading checkpoint shards, reading a GGUF) go too; tqdm's notebook bar ignores the variable.
 if config.progress_bars_off():
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # transformers' GGUF reader draws tqdm's bar itself, past the switch above: hand it a bar that stays off
+    modeling_gguf_pytorch_utils.tqdm = partial(tqdm, disable=True)
