@@ -8,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train lint test test-fast bench clean colab demo demo-check export gguf
+.PHONY: setup smoke curate train lint test test-fast bench report set-repo clean colab demo demo-check export gguf
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,7 @@ $(VENV)/.installed: requirements.txt requirements-smoke.txt pyproject.toml
 # watched: no progress bars (tqdm's, the hub's, datasets', the Trainer's), which would be saved half-drawn.
 NO_PROGRESS_BARS := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 smoke: setup
+	$(PY) -m helpers.provenance stamp results/$(PROFILE) "make smoke PROFILE=$(PROFILE)"  # for make report
 	$(NO_PROGRESS_BARS) BOOK_PRICER_PROFILE=$(PROFILE) $(VENV)/bin/jupyter nbconvert --to notebook --execute \
 		--ExecutePreprocessor.timeout=3600 --output-dir results/$(PROFILE)/notebooks $(NOTEBOOKS)
 	$(PY) -m pytest -q tests/test_executed_notebooks.py -p no:cacheprovider  # read as a learner would: see its docstring
@@ -65,9 +66,21 @@ test: setup lint
 test-fast: setup
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests -m "not slow" -p no:cacheprovider
 
+# Each benchmark's output is kept, with its command, date, commit and machine, in results/benchmarks/ (for make report).
+RECORD := $(PY) -m helpers.provenance record
 bench: setup
-	$(PY) benchmarks/bench_curation.py
-	$(PY) benchmarks/bench_predict.py
+	$(RECORD) results/benchmarks/bench-curation -- $(PY) benchmarks/bench_curation.py
+	$(RECORD) results/benchmarks/bench-predict -- $(PY) benchmarks/bench_predict.py
+
+# Every generated table of README.md and docs/, between its markers, from results/ and runs/ (after make smoke and
+# make bench; a table whose source is missing stays as it is).
+report: setup
+	$(PY) scripts/report.py
+
+# Point every Colab badge and every notebook's set-up cell at the repository hosting this copy.
+set-repo:
+	@test -n "$(REPO)" || { echo "usage: make set-repo REPO=OWNER/NAME"; exit 2; }
+	$(PYTHON) scripts/set_repo.py $(REPO)
 
 clean:
 	rm -rf data/curated results runs .cache
