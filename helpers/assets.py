@@ -51,7 +51,7 @@ def package_file(package: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"Package {package!r} is not installed: run `make setup` "
-                                f"(or see the README's install section).")
+                                f"(or see docs/troubleshooting.md).")
     path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from package {package!r}: reinstall it.")

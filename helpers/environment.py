@@ -137,8 +137,8 @@ def colab_setup(home: str = "") -> None:
                              capture_output=True, text=True, encoding="utf-8")
     if install.returncode:
         raise RuntimeError(f"`make colab` failed:\n{(install.stdout + install.stderr)[-INSTALL_TAIL_CHARS:]}\n"
-                           "Fix the error above (a pin that needs a newer torch than Colab's: see the README's "
-                           "Troubleshooting), then run this cell again.")
+                           "Fix the error above (a pin that needs a newer torch than Colab's: see "
+                           "docs/troubleshooting.md), then run this cell again.")
     replaced = replaced_while_loaded(before, installed_versions(), loaded)
     if replaced:
         raise RestartRequired(RESTART_HELP.format(packages=", ".join(replaced)))
