@@ -28,7 +28,7 @@ def commit() -> str:
     """This checkout's commit (short), ``+changes`` when files differ from it; ``unknown`` outside git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=config.REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              encoding="utf-8", check=True).stdout.strip()
     try:
         return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
@@ -39,14 +39,14 @@ def machine() -> str:
     """The machine in words: system, CPU model and cores, and each CUDA GPU by name."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     words = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
     try:
         gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30, check=True).stdout.split("\n")
+                              text=True, encoding="utf-8", timeout=30, check=True).stdout.split("\n")
         words += "".join(f", {name.strip()}" for name in gpus if name.strip())
     except (OSError, subprocess.SubprocessError):
         pass  # no NVIDIA GPU (or no driver): the CPU is the machine

@@ -97,7 +97,7 @@ class Report:
     def plan(self) -> str | None:
         script = config.REPO_ROOT / "scripts" / "plan_table.py"
         table = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
-                               cwd=config.REPO_ROOT).stdout.strip()
+                               encoding="utf-8", cwd=config.REPO_ROOT).stdout.strip()
         return with_source(table, provenance.stamp("python scripts/plan_table.py"), "the plan (computed, "
                            "not run: each row says whether its speed figure is measured, published or estimated)")
 

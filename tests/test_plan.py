@@ -60,7 +60,10 @@ def test_the_plan_counts_the_processes():
 
 
 @pytest.mark.parametrize("name", sorted(config.PROFILES))
-def test_each_profile_fits_its_budget_on_its_target_device(name, llama_tokens_per_item):
+def test_each_profile_fits_its_budget_on_its_target_device(name, llama_tokens_per_item, monkeypatch, tmp_path):
+    """With the course's own speed figures: this checkout's run cards (a busy machine's, say) are not read."""
+    measured = plan.measured_throughputs
+    monkeypatch.setattr(plan, "measured_throughputs", lambda hardware=None, home=None: measured(hardware, tmp_path))
     profile = config.get_profile(name)
     hardware = Hardware.card(profile.target_device)
     if name == "smoke":

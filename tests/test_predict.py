@@ -276,6 +276,7 @@ def test_readings_of_a_known_distribution():
     assert (low.tolist(), high.tolist()) == ([10], [100])
     assert list(PriceDistributions(probabilities, reading="mean")) == pytest.approx([49.0])
     labels = distributions.plot(0, truth=15.0).axes[0].get_legend_handles_labels()[1]
+    labels = [label.replace("\\$", "$") for label in labels]  # escaped, so that matplotlib shows the $
     assert {"median $20", "argmax $100", "truth $15", "80% interval $10-$100"} <= set(labels)
 
 
@@ -298,7 +299,7 @@ def test_generate_predictor_returns_a_number_or_none(tiny_llama, llama_tokenizer
 
 def test_generated_prices_plot_an_answer():
     labels = GeneratedPrices([21.0, None]).plot(0, truth=15.0).axes[0].get_legend_handles_labels()[1]
-    assert labels == ["generated $21", "truth $15"]
+    assert labels == ["generated \\$21", "truth \\$15"]  # escaped, so that matplotlib shows the $ (not mathtext)
     assert "no number written" in GeneratedPrices([21.0, None]).plot(1).axes[0].get_title()
 
 
