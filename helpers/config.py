@@ -199,7 +199,7 @@ class Profile:
     tokenizer_source: str  # "llama-models" (offline) or a hub model id
     base_model: str  # a hub id, or "smollm2" for the offline GGUF checkpoint
     max_per_dollar: int  # balancing: items kept for each whole-dollar price
-    test_size: int  # items held out for testing
+    test_size: int  # items held out from training: the first eval_size are scored, the rest calibrate (held out)
     eval_size: int  # the fixed test subset every model is scored on
     num_proc: int  # processes for curation
     batch_size: int  # records per curation batch
@@ -262,7 +262,7 @@ PROFILES: dict[str, Profile] = {
         tokenizer_source="llama-models",
         base_model="smollm2",
         max_per_dollar=8,
-        test_size=25,
+        test_size=35,  # 25 scored, 10 held out: they calibrate the intervals and fit the ensemble (far too few)
         eval_size=25,
         num_proc=1,
         batch_size=64,

@@ -70,3 +70,10 @@ def eval_items(test: list[Item], profile: config.Profile) -> list[Item]:
     if not test:
         raise ValueError("The test split is empty: curate the data first (python -m helpers.curate).")
     return test[: profile.eval_size]
+
+
+def held_out_items(test: list[Item], profile: config.Profile) -> list[Item]:
+    """The test items nobody scores (after the first ``profile.eval_size``): no model trained on them and no
+    model is scored on them, so they can calibrate the intervals and fit the ensemble (full: 1,750 books;
+    smoke: 10, too few for its figures to mean anything)."""
+    return test[profile.eval_size:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from helpers import config, provenance, saved_forms, tracking
+from helpers import config, conformal, provenance, saved_forms, tracking
 from helpers.leaderboard import Leaderboard
 
 MARKER = re.compile(r"(<!-- report:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
@@ -51,6 +51,9 @@ class Report:
         """Each marker's table, made when asked; None when its source is missing."""
         return {"smoke-leaderboard": self.leaderboard, "smoke-notebook-times": self.notebook_times,
                 "smoke-runs": self.training_runs, "saved-forms": self.saved_forms, "plan": self.plan,
+                "smoke-calibration": self.calibration,
+                **{f"smoke-{name}": (lambda name=name: self.csv_table(name)) for name in ("ensemble", "segments",
+                                                                                          "human")},
                 **{name: (lambda name=name: self.benchmark(name)) for name in BENCHMARKS}}
 
     def leaderboard(self) -> str | None:
@@ -93,6 +96,21 @@ class Report:
             return None
         table = saved_forms.saved_forms(Leaderboard(path), adapters[-1])
         return with_source(saved_forms.markdown(table), self.stamp, f"`results/{self.profile}/leaderboard.csv`")
+
+    def calibration(self) -> str | None:
+        path = self.results / "calibration.csv"
+        if not path.exists():
+            return None
+        return with_source(conformal.table_markdown(pd.read_csv(path)), self.stamp,
+                           f"`results/{self.profile}/calibration.csv` (notebook 05)")
+
+    def csv_table(self, name: str) -> str | None:
+        """A table notebook 05 saved as it shows it (``results/<profile>/<name>.csv``)."""
+        path = self.results / f"{name}.csv"
+        if not path.exists():
+            return None
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return with_source(markdown_table(frame), self.stamp, f"`results/{self.profile}/{name}.csv` (notebook 05)")
 
     def plan(self) -> str | None:
         script = config.REPO_ROOT / "scripts" / "plan_table.py"

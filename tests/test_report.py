@@ -13,13 +13,14 @@ import nbformat
 import pandas as pd
 import pytest
 
-from helpers import config, provenance
+from helpers import config, conformal, ensemble, human, provenance
 
 sys.path.insert(0, str(config.REPO_ROOT / "scripts"))
 import report  # noqa: E402
 
 RECORDED = config.REPO_ROOT / "tests" / "data" / "report"
-NAMES = ("smoke-leaderboard", "smoke-notebook-times", "smoke-runs", "saved-forms", "bench-curation")
+NAMES = ("smoke-leaderboard", "smoke-notebook-times", "smoke-runs", "saved-forms", "bench-curation",
+         "smoke-calibration", "smoke-ensemble", "smoke-segments", "smoke-human")
 
 
 def _page(*names: str) -> str:
@@ -70,6 +71,12 @@ def test_every_table_is_written_between_its_markers_with_its_source(home):
         "| 4-bit + adapter", "| merged 16-bit", "| GGUF f16", "| GGUF q8_0"]
     recorded = (home / "results" / "benchmarks" / "bench-curation.txt").read_text(encoding="utf-8")
     assert recorded.strip() in sections["bench-curation"]
+    assert all(f"| {level:.0%} |" in sections["smoke-calibration"] for level in conformal.LEVELS)
+    assert all(f"| {member} |" in sections["smoke-ensemble"] for member in ensemble.MEMBERS)
+    segment_rows = [line for line in sections["smoke-segments"].splitlines() if line.startswith("| format |")]
+    books = pd.read_csv(home / "results" / "smoke" / "leaderboard-predictions.csv")
+    assert sum(int(line.split(" | ")[2]) for line in segment_rows) == len(books)  # the formats add up
+    assert f"| {human.RECORDED_NAME} |" in sections["smoke-human"]
 
 
 def test_a_table_without_its_source_stays_as_the_page_has_it(tmp_path):
