@@ -8,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
 
-.PHONY: setup smoke curate train lint test test-fast bench report set-repo clean colab demo demo-check export gguf
+.PHONY: setup smoke curate train lint test test-fast bench bench-sweep report set-repo clean colab demo demo-check export gguf
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,11 @@ RECORD := $(PY) -m helpers.provenance record
 bench: setup
 	$(RECORD) results/benchmarks/bench-curation -- $(PY) benchmarks/bench_curation.py
 	$(RECORD) results/benchmarks/bench-predict -- $(PY) benchmarks/bench_predict.py
+
+# The smoke settings sweep: three real 4-bit trainings on the CPU (minutes each), recorded the same way.
+SWEEP ?= 2e-3:12 1e-3:12 2e-3:20
+bench-sweep: setup
+	$(RECORD) results/benchmarks/sweep-smoke -- $(PY) benchmarks/sweep_smoke.py $(SWEEP)
 
 # Every generated table of README.md and docs/, between its markers, from results/ and runs/ (after make smoke and
 # make bench; a table whose source is missing stays as it is).

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from helpers.charts import dollars
+from helpers.dataset import check_unseen
 from helpers.evaluate import Evaluation
 from helpers.items import Item
 
@@ -28,18 +29,6 @@ LEVELS = (0.5, 0.8, 0.9)  # the interval levels calibrated and reported
 def min_books(level: float) -> int:
     """The fewest held-out books that can calibrate a ``level`` interval (MAPIE's rule for one correction)."""
     return int(np.ceil(max(1 / level, 1 / (1 - level)) - 1e-9))
-
-
-class TestBookLeak(ValueError):
-    """Books that are scored were handed to something that fits on held-out books."""
-
-
-def check_unseen(fitted_on: Sequence[Item], scored: Sequence[Item], what: str) -> None:
-    """Stop when any book ``what`` is fitted on is also a scored (test) book."""
-    leaked = {item.asin for item in fitted_on} & {item.asin for item in scored}
-    if leaked:
-        raise TestBookLeak(f"{what} would be fitted on {len(leaked)} test book(s) ({', '.join(sorted(leaked)[:3])}): "
-                           "fit it on the held-out books only (helpers.dataset.held_out_items).")
 
 
 class QuantileColumn(RegressorMixin, BaseEstimator):

@@ -1,4 +1,5 @@
-"""The curated data as every stage after curation reads it: the saved splits, their manifest, the test subset.
+"""The curated data as every stage after curation reads it: the saved splits, their manifest, the test subset
+every model is scored on, and the held-out test books nothing is scored on (with the guard that keeps them apart).
 
 :mod:`helpers.curate` writes the folder (``data/curated/<profile>``); everything else reads it through here.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -77,3 +79,15 @@ def held_out_items(test: list[Item], profile: config.Profile) -> list[Item]:
     model is scored on them, so they can calibrate the intervals and fit the ensemble (full: 1,750 books;
     smoke: 10, too few for its figures to mean anything)."""
     return test[profile.eval_size:]
+
+
+class TestBookLeak(ValueError):
+    """Books that are scored were handed to something that fits on held-out books."""
+
+
+def check_unseen(fitted_on: Sequence[Item], scored: Sequence[Item], what: str) -> None:
+    """Stop when any book ``what`` is fitted on is also a scored (test) book."""
+    leaked = {item.asin for item in fitted_on} & {item.asin for item in scored}
+    if leaked:
+        raise TestBookLeak(f"{what} would be fitted on {len(leaked)} test book(s) ({', '.join(sorted(leaked)[:3])}): "
+                           "fit it on the held-out books only (helpers.dataset.held_out_items).")

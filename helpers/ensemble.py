@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from helpers import config
-from helpers.conformal import check_unseen
+from helpers.dataset import check_unseen
 from helpers.evaluate import Evaluation
 from helpers.items import Item
 

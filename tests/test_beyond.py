@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from helpers import config, conformal, ensemble, human, segments
+from helpers import config, conformal, dataset, ensemble, human, segments
 from helpers.evaluate import Evaluation, evaluate
 from helpers.leaderboard import Leaderboard
 
@@ -46,10 +46,10 @@ def test_calibrated_coverage_is_nominal_within_sampling_error():
 
 def test_the_calibration_and_the_ensemble_refuse_a_test_book():
     model, books = _too_narrow_model(50, seed=3), _books(50)
-    with pytest.raises(conformal.TestBookLeak, match="interval calibration would be fitted on 1 test book"):
+    with pytest.raises(dataset.TestBookLeak, match="interval calibration would be fitted on 1 test book"):
         conformal.ConformalIntervals().fit(model, books, _books(1, start=49) + _books(5, start=100))
     classical = {name: model.predictions for name in ensemble.MEMBERS}
-    with pytest.raises(conformal.TestBookLeak, match="The ensemble"):
+    with pytest.raises(dataset.TestBookLeak, match="The ensemble"):
         ensemble.StackedEnsemble().fit(books, model, classical, books[:3])
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from helpers import config, runs
 
@@ -29,7 +32,14 @@ def kill_after_first_checkpoint(command: list[str], run_dir: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not first_checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and every process it started
+    # the launcher and every process it started: torchrun's workers may run in sessions of their own, where the
+    # launcher's process group does not reach them, and a surviving worker would go on writing checkpoints
+    family = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+    os.killpg(first.pid, signal.SIGKILL)
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(family, timeout=60)
     first.wait()
     assert first_checkpoint.exists(), "the first run never wrote a checkpoint"
     assert not runs.RunDir(run_dir).adapter.exists(), "the first run finished before it was killed"
