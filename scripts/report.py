@@ -124,8 +124,13 @@ class Report:
         if not base.with_suffix(".txt").exists():
             return None
         output = base.with_suffix(".txt").read_text(encoding="utf-8").rstrip()
-        return with_source(f"```text\n{output}\n```", provenance.read_stamp(base.with_suffix(".json")),
-                           f"`results/benchmarks/{name}.txt`")
+        table = []  # an output that ends in a Markdown table: that table is its result (the log above is not)
+        for line in reversed(output.splitlines()):
+            if not line.startswith("|"):
+                break
+            table.insert(0, line)
+        body = "\n".join(table) if table else f"```text\n{output}\n```"
+        return with_source(body, provenance.read_stamp(base.with_suffix(".json")), f"`results/benchmarks/{name}.txt`")
 
 
 def fill(page: str, report: Report) -> tuple[str, list[str], list[str]]:

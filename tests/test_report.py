@@ -105,3 +105,11 @@ def test_a_recorded_command_keeps_its_output_and_its_stamp(tmp_path):
     assert set(stamp) == {"command", "date", "commit", "machine"} and "print(" in stamp["command"]
     assert provenance.record(tmp_path / "failed", [sys.executable, "-c", "raise SystemExit(3)"]) == 3
     assert not (tmp_path / "failed.txt").exists()  # a failed run keeps nothing
+
+
+def test_a_benchmark_that_ends_in_a_table_shows_the_table_not_its_log(home):
+    recorded = home / "results" / "benchmarks" / "sweep-smoke.txt"
+    recorded.write_text("{'loss': '3.319', 'grad_norm': '2.036'}\n| learning rate | MAE ($) |\n|---|---|\n| 2e-3 | 10.36 |\n",
+                        encoding="utf-8")
+    page, filled, _ = report.fill(_page("sweep-smoke"), report.Report(home))
+    assert filled == ["sweep-smoke"] and "| 2e-3 | 10.36 |" in page and "grad_norm" not in page and "```" not in page
