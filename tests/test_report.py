@@ -109,7 +109,8 @@ def test_a_recorded_command_keeps_its_output_and_its_stamp(tmp_path):
 
 def test_a_benchmark_that_ends_in_a_table_shows_the_table_not_its_log(home):
     recorded = home / "results" / "benchmarks" / "sweep-smoke.txt"
-    log, table = "{'loss': '3.319', 'grad_norm': '2.036'}\n", "| learning rate | MAE ($) |\n|---|---|\n| 2e-3 | 10.36 |\n"
+    log = "{'loss': '3.319', 'grad_norm': '2.036'}\n"
+    table = "| learning rate | MAE ($) |\n|---|---|\n| 2e-3 | 10.36 |\n"
     recorded.write_text(log + table, encoding="utf-8")
     page, filled, _ = report.fill(_page("sweep-smoke"), report.Report(home))
     assert filled == ["sweep-smoke"] and "| 2e-3 | 10.36 |" in page and "grad_norm" not in page and "```" not in page
