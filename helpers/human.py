@@ -65,15 +65,12 @@ def versus_models(human: Evaluation, positions: list[int], board: Leaderboard, i
                   best: str | None = None) -> pd.DataFrame:
     """The human and every model on the leaderboard, on the answered books only: MAE, and each model's paired
     difference against the human (MAE of the model minus the human's; negative: the model errs less)."""
-    books = board.predictions()
-    if len(books) != len(items) or not np.allclose(books["truth"], [item.price for item in items]):
-        raise ValueError("The leaderboard's latest books are not these test books: score the models on them first.")
-    table = board.table()
-    labels = dict(zip(table["key"], Leaderboard.labels(table)))
+    books = board.predictions_of(items)
+    labels = board.display_names()
     truths = books["truth"].to_numpy()[positions]
     rows = [{"model": human.name, "books": len(positions), "MAE ($)": f"{np.nanmean(human.errors):.2f}",
              f"vs {human.name} ($)": "reference"}]
-    for key in [key for key in table["key"] if key in books]:
+    for key in [key for key in labels if key in books]:
         errors = np.abs(books[key].to_numpy()[positions] - truths)
         difference = errors - human.errors
         difference = difference[~np.isnan(difference)]

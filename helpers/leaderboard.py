@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from helpers import config
 from helpers.charts import save_figure
 from helpers.config import Profile
 from helpers.evaluate import METRIC_COLUMNS, Evaluation, bootstrap_ci
+from helpers.items import Item
 from helpers.pricing import POINT
 from helpers.storage import write_file_atomically
 
@@ -60,6 +62,14 @@ class Leaderboard:
     def predictions(self) -> pd.DataFrame:
         """One row per book: ``truth``, then one column of predictions per model key (NaN where it failed)."""
         return pd.read_csv(self.predictions_path) if self.predictions_path.exists() else pd.DataFrame()
+
+    def predictions_of(self, items: Sequence[Item], fix: str = "score the models on them first") -> pd.DataFrame:
+        """:meth:`predictions`, row i being ``items[i]``: a ValueError naming ``fix`` when the latest books are
+        not these."""
+        books = self.predictions()
+        if len(books) != len(items) or not np.allclose(books["truth"], [item.price for item in items]):
+            raise ValueError(f"The latest books of {self.predictions_path} are not these {len(items)} books: {fix}.")
+        return books
 
     def record(self, evaluation: Evaluation, key: str | os.PathLike | None = None, **extra: object) -> None:
         """Write ``evaluation``'s metrics, reading (and ``extra`` columns) under ``key`` (default: its name),
@@ -139,6 +149,12 @@ class Leaderboard:
         columns = ["diff", "diff_ci_low", "diff_ci_high"]
         rows[columns] = pd.DataFrame(paired, index=rows.index, columns=columns, dtype=float)
         return rows
+
+    def display_names(self) -> dict[str, str]:
+        """Each model's key and its display name (:meth:`labels`), best (lowest) MAE first, as :meth:`table` orders
+        them."""
+        rows = self._rows().sort_values("mae", kind="stable")
+        return dict(zip(rows["key"], self.labels(rows)))
 
     @staticmethod
     def labels(table: pd.DataFrame) -> pd.Series:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -128,10 +127,7 @@ def sizes_markdown(paths: dict[str, Path], what: str = "file") -> str:
 def by_book(board: Leaderboard, adapter: str, items: list[Item]) -> pd.DataFrame:
     """Book by book, the true price and each saved form's price (a column per form, as :func:`score_saved_forms`
     recorded them on ``board`` for ``items``: nothing is computed again). ``adapter``: as in :func:`saved_forms`."""
-    books = board.predictions()
-    if len(books) != len(items) or not np.allclose(books["truth"], [item.price for item in items]):
-        raise ValueError(f"The latest books of {board.predictions_path} are not these {len(items)} books: score the "
-                         f"saved forms on them first (score_saved_forms).")
+    books = board.predictions_of(items, fix="score the saved forms on them first (score_saved_forms)")
     table = pd.DataFrame({"book": [item.title for item in items], "true price": books["truth"]})
     for form, key in form_keys(adapter).items():
         if key in books:

@@ -37,11 +37,8 @@ def segment_of(item: Item) -> dict[str, str]:
 def segment_errors(board: Leaderboard, items: Sequence[Item], models: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (segment, value, model): its books ``n``, MAE and bootstrap interval; ``models`` are leaderboard
     keys (default: every model scored on these books). The rows of one segment add up to the test books."""
-    books = board.predictions()
-    if len(books) != len(items) or not np.allclose(books["truth"], [item.price for item in items]):
-        raise ValueError(f"The latest books of {board.predictions_path} are not these {len(items)} books: score the "
-                         "models on them first.")
-    names = dict(zip(board.table()["key"], Leaderboard.labels(board.table())))
+    books = board.predictions_of(items)
+    names = board.display_names()
     models = [key for key in (models or names) if key in books]
     labels = pd.DataFrame([segment_of(item) for item in items])
     rows = []
