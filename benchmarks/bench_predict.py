@@ -16,19 +16,24 @@ the curated smoke training prompts, the loss on the answer tokens only. Their MA
 the output layer (vocabulary x 128) is most of a token's work, so the digit tree's 100 full
 softmaxes per book weigh far more than in a real LLM; the decoders are also timed on the real
 SmolLM2-135M (the smoke profile's base model, untuned, float32) on ``--real-books`` books (8; 0 skips
-it). Run: ``python benchmarks/bench_predict.py [--epochs N] [--real-books N]`` (needs
+it). Where llama.cpp is installed (``make llama-cpp``), the same SmolLM2-135M is also written as GGUF (the
+course's writer: f16, q8_0; llama.cpp's quantiser: q4_K_M) and run by llama.cpp on the same books, the
+distribution and greedy generation each, with its speed against transformers' (float32) side by side.
+Run: ``python benchmarks/bench_predict.py [--epochs N] [--real-books N] [--threads N]`` (needs
 ``python -m helpers.curate`` first).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from helpers import config
+from helpers import config, gguf_export, llamacpp
 from helpers.assets import llama3_tokenizer_offline, load_tokenizer, smollm2_checkpoint
 from helpers.dataset import eval_items, load_curated
 from helpers.evaluate import Evaluation, evaluate
@@ -145,6 +150,39 @@ def arithmetic_lines(label: str, model: PreTrainedModel, tokenizer: PreTrainedTo
                             ("greedy generation", f"{label}: greedy generation, batch {batch_size}"))]
 
 
+def llama_cpp_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, books: list[Item], repeats: int,
+                   threads: int | None, folder: Path, loads: dict[str, float]) -> list[tuple[Evaluation, float, bool]]:
+    """The same model written as GGUF in ``folder`` (f16 and q8_0 by the course's writer, q4_K_M by llama.cpp's
+    quantiser) and run by llama.cpp: its distribution (median) and greedy generation, on ``books``; the f16
+    distribution also on one thread. Each file's loading time goes into ``loads``."""
+    ggufs = {}
+    for kind in gguf_export.GGUF_TYPES:
+        ggufs[kind] = folder / f"gguf-{kind}"
+        ggufs[kind].mkdir()
+        gguf_export.write_gguf(model, tokenizer, ggufs[kind] / gguf_export.GGUF_NAME, kind, "SmolLM2-135M",
+                               "apache-2.0", config.SMOLLM2_HUB_ID, {})
+    ggufs |= {kind: llamacpp.quantize(ggufs["f16"], kind) for kind in llamacpp.QUANTISED}
+    one_by_one = DistributionPredictor(model, tokenizer, 1)  # as llama.cpp reads them: one book a pass
+    one_by_one(books[:2])
+    rows = [(*timed("SmolLM2-135M: digit tree, batch 1, median", one_by_one, books, repeats), True)]
+    for kind, gguf_folder in ggufs.items():
+        started = time.perf_counter()
+        engine = llamacpp.Engine(gguf_folder / gguf_export.GGUF_NAME, threads)
+        loads[f"llama.cpp {kind}"] = time.perf_counter() - started
+        distribution, generate = llamacpp.GGUFPredictor(engine), llamacpp.GGUFGeneratePredictor(engine)
+        for predictor in (distribution, generate):  # warm-up, as for transformers
+            predictor(books[:2])
+        rows.append((*timed(f"SmolLM2-135M: llama.cpp {kind}, {distribution.path}, median", distribution, books,
+                            repeats), True))
+        rows.append((*timed(f"SmolLM2-135M: llama.cpp {kind}, greedy generation", generate, books, repeats), True))
+        engine.close()
+    engine = llamacpp.Engine(ggufs["f16"] / gguf_export.GGUF_NAME, 1)
+    rows.append((*timed("SmolLM2-135M: llama.cpp f16, 1 thread, digit tree, median", llamacpp.GGUFPredictor(engine),
+                        books, repeats), True))
+    engine.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(config.PROFILES), default="smoke")
@@ -153,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each decoder; the best counts")
     parser.add_argument("--real-books", type=int, default=8,
                         help="books to time the decoders on with the real SmolLM2-135M (float32); 0: skip it")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: every core here)")
     args = parser.parse_args()
     profile = config.get_profile(args.profile)
     train, test = load_curated(profile)
@@ -170,11 +209,21 @@ def main() -> None:
         decoded.append((label, model, tokenizer, items))
     print("Their MAEs compare decoders on one model per tokenizer, not the quality of a real LLM.")
     if args.real_books:
+        started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32).eval()
+        loads = {"transformers float32": time.perf_counter() - started}
         tokenizer, books = load_tokenizer("smollm2"), items[:args.real_books]
         rows += decoder_rows("SmolLM2-135M", model, tokenizer, books, batch_size, args.repeats)
         decoded.append(("SmolLM2-135M", model, tokenizer, books))
         print(f"SmolLM2-135M: the real model (untuned, float32) on the first {args.real_books} of the books.")
+        if llamacpp.installed():
+            with tempfile.TemporaryDirectory() as folder:
+                rows += llama_cpp_rows(model, tokenizer, books, args.repeats, args.threads, Path(folder), loads)
+            print("Loading the model: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in loads.items())
+                  + " (measured).")
+            print(f"llama.cpp: the same model as GGUF on the same books, {args.threads or llamacpp.threads()} threads.")
+        else:
+            print(f"llama.cpp is not installed, so it is not timed: {llamacpp.INSTALL}.")
     print(f"\n{'decoder':<50}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
     for evaluation, rate, priced in rows:
         metrics = evaluation.metrics
@@ -190,6 +239,26 @@ def main() -> None:
     for label, model, tokenizer, books in decoded:
         if f"{label}: digit tree, median" in rates:
             print("\n".join(arithmetic_lines(label, model, tokenizer, books, batch_size, rates)))
+    engine_rates = {name: rate for name, rate in rates.items() if "llama.cpp" in name}
+    if engine_rates:
+        print(f"\nllama.cpp against transformers (float32, batch {batch_size}) on SmolLM2-135M, the same books "
+              "(measured, this machine):")
+        for name, rate in engine_rates.items():
+            versus = ([f"SmolLM2-135M: greedy generation, batch {batch_size}"] if name.endswith("greedy generation")
+                      else ["SmolLM2-135M: digit tree, median", "SmolLM2-135M: digit tree, batch 1, median"])
+            print(f"  {name.removeprefix('SmolLM2-135M: ')}: " + ", ".join(
+                f"{rate / rates[other]:.2f}x transformers' {other.split(': ')[1].removesuffix(', median')}"
+                for other in versus))
+        label, model, tokenizer, books = decoded[-1]
+        prompt_tokens = sum(len(tokenizer.encode(item.test_prompt)) for item in books) / len(books)
+        work = multiply_adds(model, prompt_tokens)["digit tree"]
+        print(f"Why: both engines do the same arithmetic, about {work / 1e9:.0f} G multiply-adds a book for the digit "
+              f"tree ({prompt_tokens:.0f} prompt tokens and {TREE_BRANCHES} branches in one pass; estimated from the "
+              "model's shape), so a speed is the multiply-adds a second each sustains here: " + ", ".join(
+                  f"{name.removeprefix(label + ': ').removesuffix(', median')} {rates[name] * work / 1e9:.0f} G/s"
+                  for name in rates if name.startswith(f"{label}: ") and "digit tree" in name
+                  and name.endswith("median")) + ". A quantised file stores fewer bytes, not fewer multiply-adds, "
+              "and a pass this long is bound by the arithmetic, not by reading the weights.")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The demo page: type a book, get its price from the fine-tuned model and from the best classical baseline.
 
-    python -m helpers.demo [--profile smoke] [--adapter FOLDER_OR_HUB_ID] [--port 7860] [--share]
+    python -m helpers.demo [--profile smoke] [--adapter FOLDER_OR_HUB_ID | --gguf PATH] [--port 7860] [--share]
 
 The form asks for every part of the prompt curation writes (the title, the binding, edition and date line,
 author, category path, publisher, pages, language, more details, the blurb); it becomes a raw record in the
@@ -10,7 +10,9 @@ hub's schema and goes through curation's own scrubbing and cut to MAX_TOKENS
 (tests/test_demo.py checks every kept book of the sample). The baseline reads the same Item's features, but
 the form does not ask a book's weight, and takes its year from the subtitle only: for those two features (and
 the blurb's length) a typed book may differ from its curated Item. The page shows the model's median price
-with its 80% interval and its whole price distribution.
+with its 80% interval and its whole price distribution. ``--gguf`` serves a saved GGUF file (or a ``gguf-<type>``
+folder) through llama.cpp instead (:mod:`helpers.llamacpp`; ``make gguf`` installs it): no torch model is
+loaded, and the page, its prompt and its distribution are the same.
 Gradio's analytics are off; a public share link (``--share``, ``SHARE`` in notebook 06) is opt-in.
 """
 
@@ -27,7 +29,7 @@ import gradio as gr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from helpers import assets, config  # noqa: E402
+from helpers import assets, config, llamacpp  # noqa: E402
 from helpers.baselines import load_fitted  # noqa: E402
 from helpers.curate import item_from_record  # noqa: E402
 from helpers.data import parse_price  # noqa: E402
@@ -193,12 +195,19 @@ class Quote:
 class Pricer:
     """The fine-tuned model and the best classical baseline of a profile, ready to price typed-in books."""
 
-    def __init__(self, profile: config.Profile, adapter: str | Path | None, hardware: Hardware) -> None:
+    def __init__(self, profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
+                 gguf: Path | None = None) -> None:
+        """``gguf``: a GGUF file (or a folder holding ``model.gguf``) to serve through llama.cpp instead of the
+        4-bit model with its adapter."""
         self.profile = profile
         self.tokenizer = assets.load_tokenizer(profile.tokenizer_source)  # curation's tokenizer: the same cut
-        model, tokenizer = load_finetuned(profile, adapter, hardware)
-        self.model_name = finetuned_name(model, profile, adapter)
-        self.predictor = llm_predictor(model, tokenizer, profile)
+        if gguf is not None:
+            engine = llamacpp.Engine(llamacpp.gguf_file(gguf))
+            self.model_name, self.predictor = llamacpp.describe(engine), llamacpp.predictor(engine)
+        else:
+            model, tokenizer = load_finetuned(profile, adapter, hardware)
+            self.model_name = finetuned_name(model, profile, adapter)
+            self.predictor = llm_predictor(model, tokenizer, profile)
         self.baseline_name = leaderboard(profile).reference() or FALLBACK_BASELINE
         self.baseline: Predictor = load_fitted(self.baseline_name, profile)
 
@@ -312,11 +321,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"default: ${config.PROFILE_ENV} or smoke")
     parser.add_argument("--adapter", default=None,
                         help="a trained adapter's folder or hub id (default: the profile's run)")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="serve this GGUF file (or gguf-<type> folder) through llama.cpp instead (make gguf)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     parser.add_argument("--port", type=int, default=None, help="default: the first free port from 7860")
     parser.add_argument("--share", action="store_true", help="also open a public link through Gradio's servers")
     args = parser.parse_args(argv)
-    page = build(Pricer(config.get_profile(args.profile), args.adapter, Hardware.detect()))
+    if args.gguf and args.adapter:
+        parser.error("--gguf serves a saved GGUF file: it does not go with --adapter (its adapter is merged in)")
+    page = build(Pricer(config.get_profile(args.profile), args.adapter, Hardware.detect(), args.gguf))
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

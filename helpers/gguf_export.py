@@ -263,9 +263,8 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     writer.add_head_count_kv(settings.num_key_value_heads)
     writer.add_rope_freq_base(rope.get("rope_theta", 10_000.0))
     writer.add_rope_dimension_count(settings.head_dim)
-    if settings.head_dim != settings.hidden_size // settings.num_attention_heads:
-        writer.add_key_length(settings.head_dim)
-        writer.add_value_length(settings.head_dim)
+    writer.add_key_length(settings.head_dim)  # as llama.cpp's converter writes them (and llama.cpp and Ollama read)
+    writer.add_value_length(settings.head_dim)
     writer.add_layer_norm_rms_eps(settings.rms_norm_eps)
     writer.add_vocab_size(settings.vocab_size)
 

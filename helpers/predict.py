@@ -199,6 +199,22 @@ class PriceDistributions(Sequence):
         return iter(self.prices.tolist())
 
 
+def digit_tree_scores(log_p: torch.Tensor) -> torch.Tensor:
+    """``(books, 999)`` log P(n written, then its end), n = 1..999 (not normalised), from ``log_p``: ``(books, 100
+    positions, 20 tokens)`` log-probabilities at the prompt's last token, then after each first digit d1 (9), then
+    after each d1 d2 (90, d1 by d1), of the first digits 1..9, the digits 0..9 and the end (:class:`DigitTokens`)."""
+    books = len(log_p)
+    first = log_p[:, 0, :9]  # (books, 9): log P(d1)
+    after_one = log_p[:, 1:10, 9:]  # (books, 9, 11): after d1, log P(d2) and log P(end)
+    after_two = log_p[:, 10:, 9:].reshape(books, 9, 10, 11)  # after d1 d2, log P(d3) and log P(end)
+    two = first[..., None] + after_one[..., :10]  # (books, 9, 10): log P(d1 d2)
+    return torch.cat([
+        first + after_one[..., 10],  # 1..9
+        (two + after_two[..., 10]).flatten(1),  # 10..99
+        (two[..., None] + after_two[..., :10]).flatten(1),  # 100..999
+    ], dim=1)
+
+
 TREE_BRANCHES = 99  # the tokens after each prompt in the digit tree: 9 first digits d1, then 10 digits d2 after each
 _TREE_ATTENTION = ("sdpa", "eager")  # attention implementations that take the digit tree's 4D mask as it is
 
@@ -289,18 +305,7 @@ class DistributionPredictor:
         logits = self.model(input_ids=torch.cat([inputs["input_ids"], self._branches.expand(books, -1)], dim=1),
                             attention_mask=self._tree_mask(real), position_ids=positions,
                             logits_to_keep=TREE_BRANCHES + 1, use_cache=False).logits.float()
-        # (books, 100 positions: the prompt's last token, 9 d1, 90 d2; 20 tokens: the first digits 1..9,
-        # the digits 0..9, the end)
-        log_p = (logits[..., self._scored] - logits.logsumexp(dim=-1, keepdim=True)).double()
-        first = log_p[:, 0, :9]  # (books, 9): log P(d1)
-        after_one = log_p[:, 1:10, 9:]  # (books, 9, 11): after d1, log P(d2) and log P(end)
-        after_two = log_p[:, 10:, 9:].view(books, 9, 10, 11)  # after d1 d2, log P(d3) and log P(end)
-        two = first[..., None] + after_one[..., :10]  # (books, 9, 10): log P(d1 d2)
-        return torch.cat([
-            first + after_one[..., 10],  # 1..9
-            (two + after_two[..., 10]).flatten(1),  # 10..99
-            (two[..., None] + after_two[..., :10]).flatten(1),  # 100..999
-        ], dim=1)
+        return digit_tree_scores((logits[..., self._scored] - logits.logsumexp(dim=-1, keepdim=True)).double())
 
     def predict(self, items: list[Item]) -> PriceDistributions:
         """The price distribution of each item, read by this predictor's ``reading``."""

@@ -1,5 +1,6 @@
 """Every saved form of the fine-tune scored by the same harness on the same books: the 4-bit model with its
-adapter, the merged 16-bit model (:mod:`helpers.export`) and each GGUF form (:mod:`helpers.gguf_export`).
+adapter, the merged 16-bit model (:mod:`helpers.export`) and each GGUF form (:mod:`helpers.gguf_export`), run by
+llama.cpp where it is installed (:mod:`helpers.llamacpp`, with its own q4_K_M), else read by transformers.
 
 :func:`score_saved_forms` records each on the leaderboard; :func:`saved_forms` compares each with the 4-bit
 model by the leaderboard's paired bootstrap, and :func:`markdown` shows the comparison.
@@ -8,13 +9,14 @@ model by the leaderboard's paired bootstrap, and :func:`markdown` shows the comp
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import config, export, models
+from helpers import config, export, llamacpp, models
 from helpers.dataset import eval_items, load_curated
 from helpers.evaluate import evaluate
 from helpers.gguf_export import GGUF_NAME, GGUF_TYPES, convert, load_gguf
@@ -22,8 +24,10 @@ from helpers.hardware import Hardware
 from helpers.items import Item
 from helpers.leaderboard import Leaderboard, leaderboard
 from helpers.predict import llm_predictor
+from helpers.pricing import Predictor
 
-FORMS = ("4-bit + adapter", "merged 16-bit", *(f"GGUF {kind}" for kind in GGUF_TYPES))  # as scored, in order
+GGUF_FORMS = (*GGUF_TYPES, *llamacpp.QUANTISED)  # the course's writer's types, then llama.cpp's quantiser's
+FORMS = ("4-bit + adapter", "merged 16-bit", *(f"GGUF {kind}" for kind in GGUF_FORMS))  # as scored, in order
 
 
 def form_keys(adapter: str) -> dict[str, str]:
@@ -40,13 +44,14 @@ def _megabytes(path: Path) -> float:
     return round(sum(file.stat().st_size for file in files) / 1e6, 1)
 
 
-def _score(board: Leaderboard, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           profile: config.Profile, items: list[Item], form: str, path: Path, adapter: str) -> None:
+def _score(board: Leaderboard, name: str, predictor: Predictor, items: list[Item], form: str, path: Path,
+           adapter: str, compute: str) -> None:
     """Evaluate one form by the harness and record it on ``board`` under its key (:func:`form_keys`), with its
-    form, its size on disk and the dtype it computed in."""
-    evaluation = evaluate(name, llm_predictor(model, tokenizer, profile), items, batched=True)
-    board.record(evaluation, key=form_keys(adapter)[form], form=form, size_mb=_megabytes(path),
-                 compute=str(model.dtype).removeprefix("torch."))
+    form, its size on disk, what computed it (a dtype, or llama.cpp) and its speed in books a second."""
+    started = time.perf_counter()
+    evaluation = evaluate(name, predictor, items, batched=True)
+    board.record(evaluation, key=form_keys(adapter)[form], form=form, size_mb=_megabytes(path), compute=compute,
+                 books_per_s=round(len(items) / (time.perf_counter() - started), 2))
 
 
 def score_saved_forms(profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
@@ -55,29 +60,41 @@ def score_saved_forms(profile: config.Profile, adapter: str | Path | None, hardw
     """Score every saved form of the fine-tune by the same harness on the same books (default: the profile's
     :func:`helpers.dataset.eval_items`), on ``hardware``'s device, each recorded on the leaderboard: the 4-bit
     model with its adapter (the reference, named as notebook 05 names it), the merged 16-bit model (``merged``,
-    else saved now), and each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0) as
-    transformers reads it. The merged and GGUF forms compute in ``dtype``, by default float32 on a CPU (so that
-    only their stored weights differ: bf16 arithmetic alone moves a median by a dollar now and then) and
-    bfloat16 on a GPU (half the memory: an 8B model in float32 needs 32 GB). Returns :func:`saved_forms`: the
-    rows, each compared with the 4-bit model."""
+    else saved now), and each GGUF form (``ggufs``, type -> folder, else converted now into f16 and q8_0). Where
+    llama.cpp is installed, it runs every GGUF form, q4_K_M too (quantised now from the f16 file by llama.cpp,
+    unless ``ggufs`` holds it): the engine that serves them. Without it, transformers reads the f16 and q8_0 files
+    (an independent reader, dequantising them). The merged form, and the GGUF forms transformers reads, compute in
+    ``dtype``, by default float32 on a CPU (so that only their stored weights differ: bf16 arithmetic alone moves
+    a median by a dollar now and then) and bfloat16 on a GPU (half the memory: an 8B model in float32 needs
+    32 GB). Returns :func:`saved_forms`: the rows, each compared with the 4-bit model."""
     dtype = dtype or (torch.bfloat16 if hardware.kind == "cuda" else torch.float32)
     items = items if items is not None else eval_items(load_curated(profile)[1], profile)
     board = leaderboard(profile)
     model, tokenizer = models.load_finetuned(profile, adapter, hardware)
     reference, source = models.finetuned_name(model, profile, adapter), models.adapter_source(profile, adapter)
-    _score(board, reference, model, tokenizer, profile, items, FORMS[0], Path(source), source)
+    _score(board, reference, llm_predictor(model, tokenizer, profile), items, FORMS[0], Path(source), source,
+           str(model.dtype).removeprefix("torch."))
     del model
     merged = Path(merged or export.save_merged(profile, adapter, hardware))
     saved = json.loads((merged / "config.json").read_text(encoding="utf-8"))["dtype"]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map=hardware.device_map)
-    _score(board, f"{reference}, merged {saved}", model, AutoTokenizer.from_pretrained(merged), profile, items,
-           FORMS[1], merged, source)
+    _score(board, f"{reference}, merged {saved}", llm_predictor(model, AutoTokenizer.from_pretrained(merged), profile),
+           items, FORMS[1], merged, source, str(dtype).removeprefix("torch."))
     del model
-    for kind, folder in (ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES}).items():
-        model, tokenizer = load_gguf(folder, hardware, dtype)
-        _score(board, f"{reference}, GGUF {kind}", model, tokenizer, profile, items, f"GGUF {kind}",
-               Path(folder) / GGUF_NAME, source)
-        del model
+    ggufs = dict(ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES})
+    if llamacpp.installed():
+        ggufs |= {kind: llamacpp.quantize(ggufs["f16"], kind) for kind in llamacpp.QUANTISED if kind not in ggufs}
+    for kind, folder in ggufs.items():
+        path, name = Path(folder) / GGUF_NAME, f"{reference}, GGUF {kind}"
+        if llamacpp.installed():
+            engine = llamacpp.Engine(path)
+            _score(board, name, llamacpp.GGUFPredictor(engine), items, f"GGUF {kind}", path, source, "llama.cpp")
+            engine.close()
+        else:
+            model, tokenizer = load_gguf(folder, hardware, dtype)
+            _score(board, name, llm_predictor(model, tokenizer, profile), items, f"GGUF {kind}", path, source,
+                   str(dtype).removeprefix("torch."))
+            del model
     return saved_forms(board, source)
 
 
@@ -90,7 +107,7 @@ def saved_forms(board: Leaderboard, adapter: str) -> pd.DataFrame:
     keys = form_keys(adapter)
     rows = board.table().set_index("key").drop(columns=["vs_reference", "diff", "diff_ci_low", "diff_ci_high"])
     rows = rows.reindex(index=[key for key in keys.values() if key in rows.index],
-                        columns=list(dict.fromkeys([*rows.columns, "size_mb", "compute"]))).reset_index()
+                        columns=list(dict.fromkeys([*rows.columns, "size_mb", "compute", "books_per_s"]))).reset_index()
     rows["form"] = rows["key"].map({key: form for form, key in keys.items()})  # also where notebook 05 re-recorded
     rows[["diff", "diff_ci_low", "diff_ci_high"]] = [board.paired(key, adapter) for key in rows["key"]]
     return rows
@@ -98,16 +115,18 @@ def saved_forms(board: Leaderboard, adapter: str) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """:func:`saved_forms`'s table as Markdown, one row per form (the model's name is each row's ``name``): its
-    size, MAE with its interval, and the paired difference against the 4-bit model with its interval, in
-    dollars."""
-    lines = [f"| form | size (MB) | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
-             f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---|---|---|---|---|---|---|"]
+    size, what ran it, its speed, MAE with its interval, and the paired difference against the 4-bit model with
+    its interval, in dollars."""
+    lines = [f"| form | size (MB) | run by | books/s | MAE ($) | {config.CONFIDENCE:.0%} CI ($) | vs {FORMS[0]} "
+             f"({config.CONFIDENCE:.0%} CI) ($) | hit rate | failed |", "|---" * 9 + "|"]
     for row in table.itertuples():
         paired = "reference" if row.form == FORMS[0] else (f"{row.diff:+.2f} ({row.diff_ci_low:+.2f} to "
                                                            f"{row.diff_ci_high:+.2f})")
         size = "-" if pd.isna(row.size_mb) else f"{row.size_mb:,.1f}"  # the 4-bit row as notebook 05 re-recorded it
-        lines.append(f"| {row.form} | {size} | {row.mae:.2f} | {row.mae_ci_low:.2f}-{row.mae_ci_high:.2f} | "
-                     f"{paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
+        ran = "-" if pd.isna(row.compute) else "llama.cpp" if row.compute == "llama.cpp" else f"torch {row.compute}"
+        speed = "-" if pd.isna(row.books_per_s) else f"{row.books_per_s:.2f}"
+        lines.append(f"| {row.form} | {size} | {ran} | {speed} | {row.mae:.2f} | {row.mae_ci_low:.2f}-"
+                     f"{row.mae_ci_high:.2f} | {paired} | {row.hit_rate:.0%} | {row.n_failed} of {row.n} |")
     return "\n".join(lines)
 
 

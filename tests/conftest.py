@@ -11,12 +11,13 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from helpers import config, models, recipe
+from helpers import config, export, gguf_export, models, recipe
 from helpers.curate import curate
 from helpers.data import parse_price
 from helpers.dataset import has_curated
 from helpers.hardware import Hardware
 from helpers.items import FORMATS, Item, describe
+from helpers.runs import RunDir
 
 _WORDS = ("dragon kingdom romance mystery detective murder garden cooking recipe history war "
           "empire science physics chemistry biology engineering textbook edition manual guide "
@@ -116,3 +117,19 @@ def as_full_data(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(config, "DATA_DIR", data)
         yield data
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict[str, object]:
+    """What `python -m helpers.export --gguf f16 q8_0` leaves for a trained-looking smoke run (a LoRA adapter whose
+    B matrices are not zero, a run card beside it): the merged folder and a GGUF folder per type. Made once for
+    the session: the GGUF tests and llama.cpp's read the same files. Also the adapter's folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
+        profile = config.get_profile("smoke")
+        _save_smoke_adapter(profile, RunDir.default(profile).adapter)
+        RunDir.default(profile).write_card({"profile": "smoke", "global_step": 12, "train_items": 48})
+        run = RunDir(tmp_path_factory.mktemp("export"))
+        export.main(["--profile", "smoke", "--output-dir", str(run.merged), "--gguf", "f16", "q8_0"])
+        adapter = RunDir.default(profile).adapter
+    return {"adapter": adapter, "merged": run.merged, **{kind: run.gguf(kind) for kind in gguf_export.GGUF_TYPES}}

@@ -202,3 +202,29 @@ def test_the_command_serves_the_page(pricer, profile, sample_records):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_gguf_served_through_llama_cpp_prices_a_book_on_the_same_page(profile, exported, sample_records,
+                                                                         monkeypatch):
+    """``python -m helpers.demo --gguf PATH``'s page: no torch model is loaded, llama.cpp gives the price and its
+    distribution, and the prompt is the training prompt."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: make llama-cpp (make test installs it)")
+    monkeypatch.setattr(demo, "load_finetuned", lambda *args, **kwargs: pytest.fail("a torch model was loaded"))
+    page = demo.build(demo.Pricer(profile, None, Hardware.detect(), gguf=exported["q8_0"]))
+    page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    test_book = load_curated(profile)[1][0]
+    try:
+        answer, chart, prompt = Client(page.local_url, verbose=False).predict(
+            *demo.form_values(demo.Book.from_record(sample_records[test_book.asin])), api_name=f"/{demo.API_NAME}")
+    finally:
+        page.close()
+    assert answer.startswith("### $") and f"{config.INTERVAL_LEVEL:.0%} interval $" in answer
+    assert "**SmolLM2-135M-Instruct Book Pricer, GGUF q8_0, llama.cpp**, the median of its price distribution" in answer
+    assert chart and prompt == test_book.test_prompt
+
+
+def test_gguf_serves_a_saved_file_not_an_adapter(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--gguf", "runs/smoke/qlora/gguf-q8_0", "--adapter", "someone/adapter"])
+    assert "--gguf serves a saved GGUF file" in capsys.readouterr().err

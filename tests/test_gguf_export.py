@@ -42,23 +42,8 @@ CPU = Hardware.card("cpu")
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory, save_adapter):
-    """The smoke profile, its state in a temporary folder holding a trained-looking run: a LoRA adapter whose
-    B matrices are not zero and a run card beside it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(config, "HOME", tmp_path_factory.mktemp("home"))
-        profile = config.get_profile("smoke")
-        save_adapter(profile, RunDir.default(profile).adapter)
-        RunDir.default(profile).write_card({"profile": "smoke", "global_step": 12, "train_items": 48})
-        yield profile
-
-
-@pytest.fixture(scope="module")
-def exported(smoke, tmp_path_factory):
-    """What `python -m helpers.export --gguf f16 q8_0` leaves: the merged folder and a GGUF folder per type."""
-    run = RunDir(tmp_path_factory.mktemp("export"))
-    export.main(["--profile", "smoke", "--output-dir", str(run.merged), "--gguf", "f16", "q8_0"])
-    return {"merged": run.merged, **{kind: run.gguf(kind) for kind in gguf_export.GGUF_TYPES}}
+def smoke():
+    return config.get_profile("smoke")
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +237,19 @@ def test_gguf_goes_with_a_merge_not_with_adapter_only(capsys):
         export.parse_args(["--adapter-only", "--push-to-hub", "someone/book-pricer", "--gguf", "q8_0"])
     assert "--gguf converts the merged model" in capsys.readouterr().err
     assert export.parse_args(["--gguf", "f16", "q8_0"]).gguf == ["f16", "q8_0"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_a_llama_3_gguf_s_prompts_as_the_llama_3_tokenizer(llama_3, sample_items):
+    """The full profile's tokenizer in llama.cpp ("llama-bpe"): every sample prompt, the same ids; every price one
+    token, so llama.cpp reads the distribution from the prompt's last logits."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: make llama-cpp (make test installs it)")
+    from helpers import llamacpp
+
+    folder, exported = llama_3
+    engine = llamacpp.Engine(exported / gguf_export.GGUF_NAME)
+    prompts = [item.test_prompt for item in sample_items]
+    expected = AutoTokenizer.from_pretrained(folder)(prompts)["input_ids"]
+    assert [engine.tokenize(prompt) for prompt in prompts] == expected
+    assert llamacpp.GGUFPredictor(engine).path == "single-token"
+    engine.close()

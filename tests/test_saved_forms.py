@@ -21,6 +21,9 @@ ERRORS = {"": [2, 4, 2, 4], ", merged bfloat16": [1, 3, 2, 2], ", GGUF f16": [1,
           ", GGUF q8_0": [3, 4, 3, 6]}  # each form's errors, by what its name adds to the 4-bit model's
 
 
+# llama.cpp's own q4_K_M is scored where llama.cpp runs the GGUF files (tests/test_llamacpp.py); stubbed here, the
+# GGUF files are read by transformers
+FORMS = [form for form in saved_forms.FORMS if form != "GGUF q4_K_M"]
 ITEMS = [make_item(asin=f"B{index:09d}", title=f"Book {index}", price=price) for index, price in enumerate(TRUTHS)]
 
 
@@ -42,6 +45,7 @@ def scored(tmp_path, monkeypatch):
     monkeypatch.setattr(saved_forms.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: None)
     monkeypatch.setattr(saved_forms, "load_gguf", lambda *args: (fake, None))
     monkeypatch.setattr(saved_forms, "llm_predictor", lambda *args: None)
+    monkeypatch.setattr(saved_forms.llamacpp, "installed", lambda: False)
     monkeypatch.setattr(saved_forms, "evaluate", lambda name, *args, **kwargs: _evaluation(name))
     merged = tmp_path / "merged"
     merged.mkdir()
@@ -63,9 +67,9 @@ def test_the_4_bit_model_keeps_one_row_after_notebook_05_and_the_saved_forms_sco
     board.record(_evaluation(NAME), key=adapter)  # notebook 05
     for _ in range(2):  # re-running the saved forms replaces their rows
         table = score()
-        assert table["form"].tolist() == list(saved_forms.FORMS) and table["key"].is_unique
+        assert table["form"].tolist() == FORMS and table["key"].is_unique
         assert table["size_mb"].notna().all() and table.loc[0, "key"] == adapter
-        assert (board.table()["name"] == NAME).sum() == 1 and len(board.table()) == len(saved_forms.FORMS)
+        assert (board.table()["name"] == NAME).sum() == 1 and len(board.table()) == len(FORMS)
     assert table["diff"].tolist() == pytest.approx([0.0, -1.0, -1.0, 1.0])
 
 
@@ -75,15 +79,15 @@ def test_a_4_bit_row_notebook_05_scored_again_is_still_the_one_row_of_its_form(s
     board = leaderboard(profile)
     board.record(_evaluation(NAME), key=models.adapter_source(profile, None))  # notebook 05 again: no form, no size
     table = saved_forms.saved_forms(board, models.adapter_source(profile, None))
-    assert table["form"].tolist() == list(saved_forms.FORMS)
-    assert "| 4-bit + adapter | - | 3.00 |" in saved_forms.markdown(table)
+    assert table["form"].tolist() == FORMS
+    assert "| 4-bit + adapter | - | - | - | 3.00 |" in saved_forms.markdown(table)  # no size, reader or speed
 
 
 def test_each_book_gets_each_form_s_price_as_scored(scored):
     profile, score = scored
     score()
     table = saved_forms.by_book(leaderboard(profile), models.adapter_source(profile, None), ITEMS)
-    assert table.columns.tolist() == ["book", "true price", *saved_forms.FORMS]
+    assert table.columns.tolist() == ["book", "true price", *FORMS]
     assert table["GGUF q8_0"].tolist() == pytest.approx(TRUTHS + np.array(ERRORS[", GGUF q8_0"]))
     lines = saved_forms.by_book_markdown(table, count=2).splitlines()
     assert len(lines) == 4 and lines[2] == "| Book 0 | 10.00 | 12.00 | 11.00 | 11.00 | 13.00 |"
