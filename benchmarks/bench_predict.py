@@ -224,12 +224,12 @@ def main() -> None:
             print(f"llama.cpp: the same model as GGUF on the same books, {args.threads or llamacpp.threads()} threads.")
         else:
             print(f"llama.cpp is not installed, so it is not timed: {llamacpp.INSTALL}.")
-    print(f"\n{'decoder':<50}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
+    print(f"\n{'decoder':<58}{'items/s':>10}{'MAE $':>10}{'failed':>8}{'80% cover':>11}")
     for evaluation, rate, priced in rows:
         metrics = evaluation.metrics
         mae, failed = (f"{metrics['mae']:.2f}", metrics["n_failed"]) if priced else ("-", "-")
         coverage = "-" if evaluation.reading == "point" or not priced else f"{metrics['coverage']:.0%}"
-        print(f"{evaluation.name:<50}{rate:>10.3g}{mae:>10}{failed:>8}{coverage:>11}")
+        print(f"{evaluation.name:<58}{rate:>10.3g}{mae:>10}{failed:>8}{coverage:>11}")
     print(f"\nOn the same {len(items)} books, best of {args.repeats} runs each; mean and argmax come from the "
           "median's pass (same speed). Measured on this machine.")
     rates = {evaluation.name: rate for evaluation, rate, _ in rows}
