@@ -22,7 +22,8 @@ PROGRESS = re.compile(r"\d+%\|")  # tqdm's "42%|████"
 WIDGET = "application/vnd.jupyter.widget-view+json"
 WARNING = re.compile(r"\b\w*Warning\b|^WARNING\b|^W\d{4} ", re.M)
 DUMP = re.compile(r"^\s*[\[{(]['\"\d]|\b\w+\(\w+=")  # "{'loss': ...", "[...]", "LoraConfig(r=8, ..."
-RAW_REPR = re.compile(r"^<[\w.]+ object at 0x[0-9a-f]+>$|^<IPython\.core\.display\.\w+ object>$")
+RAW_REPR = re.compile(r"^<[\w.]+ object at 0x[0-9a-f]+>$|^<IPython\.core\.display\.\w+ object>$"
+                      r"|^<Figure size [\d.]+x[\d.]+ with \d+ Axes>$")  # a figure not drawn (no inline backend)
 
 
 class _Columns(HTMLParser):
@@ -92,6 +93,8 @@ def _table(columns: int) -> str:
     ({"output_type": "stream", "name": "stderr", "text": "x.py:3: FutureWarning: `old` is deprecated"}, "a warning"),
     ({"output_type": "execute_result", "execution_count": 1, "metadata": {},
       "data": {"text/plain": "<helpers.hardware.Hardware object at 0x7f00aa>"}}, "raw repr"),
+    ({"output_type": "execute_result", "execution_count": 1, "metadata": {},
+      "data": {"text/plain": "<Figure size 800x350 with 1 Axes>"}}, "raw repr"),
     ({"output_type": "execute_result", "execution_count": 1, "metadata": {},
       "data": {"text/html": _table(19), "text/plain": "a wide frame"}}, "19 columns"),
     ({"output_type": "stream", "name": "stdout", "text": "{'loss': 0.123456789012345, " * 8}, "a dump of"),
