@@ -65,7 +65,8 @@ book's price to the nearest dollar ("21.00"):
 """
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype as people write it ("bfloat16")."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -82,10 +83,10 @@ def check_memory(profile: config.Profile, dtype: torch.dtype) -> None:
     available = psutil.virtual_memory().available / GIB
     if needed > available:
         raise MemoryError(
-            f"Merging into {models.model_label(profile)} in {_name(dtype)} needs about {needed:.0f} GiB of RAM, but "
-            f"this machine has {available:.1f} GiB available. Use a high-RAM runtime (Colab: Runtime > Change runtime "
-            "type > High-RAM) or a larger machine, or share the adapter alone (megabytes; it loads on the 4-bit base "
-            "model anywhere): `python -m helpers.export --adapter-only --push-to-hub REPO`.")
+            f"Merging into {models.model_label(profile)} in {dtype_name(dtype)} needs about {needed:.0f} GiB of RAM, "
+            f"but this machine has {available:.1f} GiB available. Use a high-RAM runtime (Colab: Runtime > Change "
+            "runtime type > High-RAM) or a larger machine, or share the adapter alone (megabytes; it loads on the "
+            "4-bit base model anywhere): `python -m helpers.export --adapter-only --push-to-hub REPO`.")
 
 
 def merged_model(profile: config.Profile, adapter: str | Path | None, hardware: Hardware,
@@ -115,7 +116,7 @@ def export_card(profile: config.Profile, source: str, dtype: torch.dtype) -> dic
     """The run card beside a local adapter folder (if any), plus an ``export`` entry: what was merged, how, when."""
     folder = Path(source).expanduser()
     card = card_in(folder.parent) if folder.is_dir() else {}
-    return {**card, "export": {"adapter": source, "base_model": profile.base_model, "dtype": _name(dtype),
+    return {**card, "export": {"adapter": source, "base_model": profile.base_model, "dtype": dtype_name(dtype),
                                "date": datetime.now(UTC).isoformat(timespec="seconds")}}
 
 
@@ -125,7 +126,7 @@ def model_card(profile: config.Profile, source: str, dtype: torch.dtype, files: 
     return MODEL_CARD.format(
         license=licensing.license_tag(profile) or "other", base=licensing.base_id(profile),
         name=models.model_label(profile), built_with=built_with,
-        adapter=source, dtype=_name(dtype), question=config.QUESTION, answer_prefix=config.ANSWER_PREFIX,
+        adapter=source, dtype=dtype_name(dtype), question=config.QUESTION, answer_prefix=config.ANSWER_PREFIX,
         notice=licensing.notice(profile), files="".join(f", {name}" for name in files))
 
 
@@ -149,7 +150,7 @@ def save_merged(profile: config.Profile, adapter: str | Path | None, hardware: H
     model, tokenizer = merged_model(profile, adapter, hardware, dtype, device)
     folder = Path(output_dir or default_output_dir(profile, source))
     card, licenses = export_card(profile, source, dtype), licensing.license_files(profile)
-    print(f"Saving the merged model ({_name(dtype)}) to {folder} ...", flush=True)
+    print(f"Saving the merged model ({dtype_name(dtype)}) to {folder} ...", flush=True)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)

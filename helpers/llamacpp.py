@@ -254,7 +254,7 @@ class GGUFPredictor:
         if self.number_ids is not None:
             return torch.from_numpy(self.engine.logits(ids)[0, self.number_ids]).double()
         logits = torch.from_numpy(self.engine.logits(ids, self.branches, range(SEQUENCES)))
-        return digit_tree_scores((logits[:, self.scored] - logits.logsumexp(dim=-1, keepdim=True))[None].double())[0]
+        return digit_tree_scores(logits[None], self.scored)[0]
 
     def distribution(self, prompts: list[str]) -> np.ndarray:
         """``(len(prompts), 999)`` probabilities of the prices 1..999 (each row sums to 1)."""

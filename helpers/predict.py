@@ -199,10 +199,11 @@ class PriceDistributions(Sequence):
         return iter(self.prices.tolist())
 
 
-def digit_tree_scores(log_p: torch.Tensor) -> torch.Tensor:
-    """``(books, 999)`` log P(n written, then its end), n = 1..999 (not normalised), from ``log_p``: ``(books, 100
-    positions, 20 tokens)`` log-probabilities at the prompt's last token, then after each first digit d1 (9), then
-    after each d1 d2 (90, d1 by d1), of the first digits 1..9, the digits 0..9 and the end (:class:`DigitTokens`)."""
+def digit_tree_scores(logits: torch.Tensor, scored: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``(books, 999)`` log P(n written, then its end), n = 1..999 (not normalised), from ``logits``: ``(books, 100
+    positions, vocabulary)`` at the prompt's last token, then after each first digit d1 (9), then after each d1 d2
+    (90, d1 by d1); ``scored``: the ids of the first digits 1..9, the digits 0..9 and the end (:class:`DigitTokens`)."""
+    log_p = (logits[..., scored] - logits.logsumexp(dim=-1, keepdim=True)).double()  # (books, 100, 20)
     books = len(log_p)
     first = log_p[:, 0, :9]  # (books, 9): log P(d1)
     after_one = log_p[:, 1:10, 9:]  # (books, 9, 11): after d1, log P(d2) and log P(end)
@@ -305,7 +306,7 @@ class DistributionPredictor:
         logits = self.model(input_ids=torch.cat([inputs["input_ids"], self._branches.expand(books, -1)], dim=1),
                             attention_mask=self._tree_mask(real), position_ids=positions,
                             logits_to_keep=TREE_BRANCHES + 1, use_cache=False).logits.float()
-        return digit_tree_scores((logits[..., self._scored] - logits.logsumexp(dim=-1, keepdim=True)).double())
+        return digit_tree_scores(logits, self._scored)
 
     def predict(self, items: list[Item]) -> PriceDistributions:
         """The price distribution of each item, read by this predictor's ``reading``."""

@@ -73,27 +73,28 @@ def score_saved_forms(profile: config.Profile, adapter: str | Path | None, hardw
     model, tokenizer = models.load_finetuned(profile, adapter, hardware)
     reference, source = models.finetuned_name(model, profile, adapter), models.adapter_source(profile, adapter)
     _score(board, reference, llm_predictor(model, tokenizer, profile), items, FORMS[0], Path(source), source,
-           str(model.dtype).removeprefix("torch."))
+           export.dtype_name(model.dtype))
     del model
     merged = Path(merged or export.save_merged(profile, adapter, hardware))
     saved = json.loads((merged / "config.json").read_text(encoding="utf-8"))["dtype"]
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map=hardware.device_map)
     _score(board, f"{reference}, merged {saved}", llm_predictor(model, AutoTokenizer.from_pretrained(merged), profile),
-           items, FORMS[1], merged, source, str(dtype).removeprefix("torch."))
+           items, FORMS[1], merged, source, export.dtype_name(dtype))
     del model
     ggufs = dict(ggufs or {kind: convert(profile, merged, kind) for kind in GGUF_TYPES})
-    if llamacpp.installed():
+    engine_here = llamacpp.installed()
+    if engine_here:
         ggufs |= {kind: llamacpp.quantize(ggufs["f16"], kind) for kind in llamacpp.QUANTISED if kind not in ggufs}
     for kind, folder in ggufs.items():
         path, name = Path(folder) / GGUF_NAME, f"{reference}, GGUF {kind}"
-        if llamacpp.installed():
+        if engine_here:
             engine = llamacpp.Engine(path)
             _score(board, name, llamacpp.GGUFPredictor(engine), items, f"GGUF {kind}", path, source, "llama.cpp")
             engine.close()
         else:
             model, tokenizer = load_gguf(folder, hardware, dtype)
             _score(board, name, llm_predictor(model, tokenizer, profile), items, f"GGUF {kind}", path, source,
-                   str(dtype).removeprefix("torch."))
+                   export.dtype_name(dtype))
             del model
     return saved_forms(board, source)
 

@@ -88,6 +88,20 @@ def sample_items() -> list[Item]:
     return items
 
 
+SHORT_BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
+
+
+@pytest.fixture(scope="session")
+def short_books(sample_items) -> list[Item]:
+    """The sample's shortest books, on which the GGUF readers are compared with the merged model."""
+    return sorted(sample_items, key=lambda item: len(item.text))[:SHORT_BOOKS]
+
+
+def distance(first: np.ndarray, second: np.ndarray) -> float:
+    """The largest total variation distance between the books' price distributions (one row a book) of two models."""
+    return float(0.5 * np.abs(first - second).sum(axis=1).max())
+
+
 def _save_smoke_adapter(profile: config.Profile, folder) -> None:
     torch.manual_seed(config.SEED)
     base, tokenizer = models.load_base_model(profile, Hardware.card("cpu"), quantized=False)

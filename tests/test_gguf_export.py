@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_BOOKS, distance
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -30,7 +31,6 @@ from helpers.leaderboard import Leaderboard
 from helpers.predict import DistributionPredictor
 from helpers.runs import RunDir
 
-BOOKS = 3  # the shortest books of the sample: the digit tree costs a few passes per book on a CPU
 # The largest total variation distance over the books between the price distributions of the merged model
 # and of its GGUF read back, both run in float32, so that only the stored weights differ. Measured here with
 # the random adapter: f16 4e-6 (the merged bf16 weights fit float16 exactly, but for a few below its normal
@@ -53,17 +53,12 @@ def read_back(exported) -> dict[str, tuple[PreTrainedModel, PreTrainedTokenizerB
 
 
 @pytest.fixture(scope="module")
-def prompts(sample_items) -> list[str]:
-    return [item.test_prompt for item in sorted(sample_items, key=lambda item: len(item.text))[:BOOKS]]
+def prompts(short_books) -> list[str]:
+    return [item.test_prompt for item in short_books]
 
 
 def distribution(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> np.ndarray:
-    return DistributionPredictor(model, tokenizer, batch_size=BOOKS).distribution(prompts)
-
-
-def distance(first: np.ndarray, second: np.ndarray) -> float:
-    """The largest total variation distance between the books' price distributions (one row a book) of two models."""
-    return float(0.5 * np.abs(first - second).sum(axis=1).max())
+    return DistributionPredictor(model, tokenizer, batch_size=SHORT_BOOKS).distribution(prompts)
 
 
 def fields(path) -> dict[str, object]:

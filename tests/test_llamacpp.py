@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import SHORT_BOOKS, distance
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import config, gguf_export, models, saved_forms
@@ -24,7 +25,6 @@ from helpers.predict import DistributionPredictor, GeneratePredictor
 pytest.importorskip("llama_cpp", reason="llama.cpp is not installed: make llama-cpp (make test installs it)")
 from helpers import llamacpp  # noqa: E402
 
-BOOKS = 3  # the shortest books of the sample, as in test_gguf_export
 # The largest total variation distance over the books between llama.cpp's price distributions and the
 # transformers reader's on the merged model in float32, measured here: f16 1.1e-3, q8_0 0.058; the adapter's own
 # effect: 0.62. llama.cpp computes an f16 matrix product with its activations rounded to f16, and a q8_0 one with
@@ -50,16 +50,6 @@ def merged(exported):
             AutoTokenizer.from_pretrained(exported["merged"]))
 
 
-@pytest.fixture(scope="module")
-def books(sample_items):
-    return sorted(sample_items, key=lambda item: len(item.text))[:BOOKS]
-
-
-def distance(first: np.ndarray, second: np.ndarray) -> float:
-    """The largest total variation distance between the books' price distributions (one row a book)."""
-    return float(0.5 * np.abs(first - second).sum(axis=1).max())
-
-
 @pytest.mark.slow
 def test_llama_cpp_reads_the_prompts_as_the_model_s_tokenizer_but_for_a_book_that_starts_with_a_digit(
         engines, merged, sample_items):
@@ -82,13 +72,13 @@ def test_llama_cpp_reads_the_prompts_as_the_model_s_tokenizer_but_for_a_book_tha
 
 
 @pytest.mark.slow
-def test_the_distribution_through_llama_cpp_equals_the_transformers_reader_s(engines, merged, books, exported):
+def test_the_distribution_through_llama_cpp_equals_the_transformers_reader_s(engines, merged, short_books, exported):
     model, tokenizer = merged
-    prompts = [item.test_prompt for item in books]
-    expected = DistributionPredictor(model, tokenizer, batch_size=BOOKS).distribution(prompts)
+    prompts = [item.test_prompt for item in short_books]
+    expected = DistributionPredictor(model, tokenizer, batch_size=SHORT_BOOKS).distribution(prompts)
     base, _ = models.load_base_model(config.get_profile("smoke"), CPU, quantized=False, dtype=torch.float32,
                                      device="cpu")
-    effect = distance(expected, DistributionPredictor(base, tokenizer, batch_size=BOOKS).distribution(prompts))
+    effect = distance(expected, DistributionPredictor(base, tokenizer, batch_size=SHORT_BOOKS).distribution(prompts))
     for kind, tolerance in (("f16", F16_TOLERANCE), ("q8_0", Q8_0_TOLERANCE)):
         predictor = llamacpp.GGUFPredictor(engines[kind])
         assert predictor.path == "digit tree"  # SmolLM2 writes prices digit by digit
@@ -100,14 +90,14 @@ def test_the_distribution_through_llama_cpp_equals_the_transformers_reader_s(eng
 
 
 @pytest.mark.slow
-def test_the_digit_tree_on_llama_cpp_s_cache_equals_reading_each_branch_from_scratch(engines, books):
+def test_the_digit_tree_on_llama_cpp_s_cache_equals_reading_each_branch_from_scratch(engines, short_books):
     """The branches share the prompt's cells in one decode; decoding a price's digits after the prompt alone gives
     the same next-token distribution (within f16 rounding: the products are tiled differently), and another
     first digit a far different one (so the check can fail)."""
     engine = engines["f16"]
     predictor = llamacpp.GGUFPredictor(engine)
     first, digits = predictor.digits.first, predictor.digits.digits
-    prompt = engine.tokenize(books[0].test_prompt)
+    prompt = engine.tokenize(short_books[0].test_prompt)
     tree = engine.logits(prompt, predictor.branches, range(llamacpp.SEQUENCES))
 
     def alone(path: list[int]) -> np.ndarray:
@@ -125,10 +115,10 @@ def test_the_digit_tree_on_llama_cpp_s_cache_equals_reading_each_branch_from_scr
 
 
 @pytest.mark.slow
-def test_greedy_answers_through_llama_cpp_are_the_transformers_model_s(engines, merged, books):
+def test_greedy_answers_through_llama_cpp_are_the_transformers_model_s(engines, merged, short_books):
     model, tokenizer = merged
-    expected = GeneratePredictor(model, tokenizer, batch_size=BOOKS)(books)
-    assert llamacpp.GGUFGeneratePredictor(engines["f16"])(books) == expected
+    expected = GeneratePredictor(model, tokenizer, batch_size=SHORT_BOOKS)(short_books)
+    assert llamacpp.GGUFGeneratePredictor(engines["f16"])(short_books) == expected
 
 
 @pytest.mark.slow
@@ -144,20 +134,20 @@ def test_llama_cpp_s_q4_k_m_is_smaller_and_names_its_type(engines, exported):
 
 
 @pytest.mark.slow
-def test_every_gguf_form_run_by_llama_cpp_is_a_leaderboard_row_against_the_4_bit_model(exported, books, tmp_path,
+def test_every_gguf_form_run_by_llama_cpp_is_a_leaderboard_row_against_the_4_bit_model(exported, short_books, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.setattr(config, "HOME", tmp_path)
     profile = config.get_profile("smoke")
     ggufs = {kind: exported[kind] for kind in gguf_export.GGUF_TYPES}
     table = saved_forms.score_saved_forms(profile, str(exported["adapter"]), CPU, merged=exported["merged"],
-                                          ggufs=ggufs, items=books)
+                                          ggufs=ggufs, items=short_books)
     assert table["form"].tolist() == list(saved_forms.FORMS)
     rows = table.set_index("form")
     assert (rows.loc[["GGUF f16", "GGUF q8_0", "GGUF q4_K_M"], "compute"] == "llama.cpp").all()
     assert (rows["books_per_s"] > 0).all()
     assert rows.loc["GGUF q4_K_M", "size_mb"] < rows.loc["GGUF q8_0", "size_mb"] < rows.loc["GGUF f16", "size_mb"]
     q4 = rows.loc["GGUF q4_K_M"]
-    assert q4["diff_ci_low"] <= q4["diff"] <= q4["diff_ci_high"] and q4["n"] == BOOKS
+    assert q4["diff_ci_low"] <= q4["diff"] <= q4["diff_ci_high"] and q4["n"] == SHORT_BOOKS
     assert "| GGUF q4_K_M |" in saved_forms.markdown(table) and "| llama.cpp |" in saved_forms.markdown(table)
     assert len(leaderboard(profile).table()) == len(saved_forms.FORMS)
 
