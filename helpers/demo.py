@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.gguf and args.adapter:
         parser.error("--gguf serves a saved GGUF file: it does not go with --adapter (its adapter is merged in)")
+    if args.gguf and not llamacpp.gguf_file(args.gguf).is_file():
+        parser.error(f"no GGUF file at {llamacpp.gguf_file(args.gguf)}: write one first (make gguf, or notebook 07)")
+    if args.gguf and not llamacpp.installed():
+        parser.error(f"--gguf needs llama.cpp, which is not installed here: {llamacpp.INSTALL}")
     page = build(Pricer(config.get_profile(args.profile), args.adapter, Hardware.detect(), args.gguf))
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 

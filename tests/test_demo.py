@@ -228,3 +228,7 @@ def test_gguf_serves_a_saved_file_not_an_adapter(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--gguf", "runs/smoke/qlora/gguf-q8_0", "--adapter", "someone/adapter"])
     assert "--gguf serves a saved GGUF file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a refusal in words, no traceback
+        demo.main(["--gguf", "runs/no-such-run/gguf-q8_0"])
+    assert refused.value.code == 2
+    assert "no GGUF file at runs/no-such-run/gguf-q8_0: write one first" in capsys.readouterr().err
